@@ -1,0 +1,115 @@
+"""LoRA configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+__all__ = ["LoraConfig", "ALL_LINEAR"]
+
+# Every Flax linear kernel (Linen nn.Dense/DenseGeneral/Einsum and NNX
+# Linear/LinearGeneral/Einsum all name their weight "kernel").
+ALL_LINEAR = r"(.*/)?kernel"
+
+
+def _freeze_mapping(m) -> tuple[tuple[str, float], ...]:
+  if m is None:
+    return ()
+  items = m.items() if isinstance(m, Mapping) else m
+  return tuple((str(k), v) for k, v in items)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+  """What to adapt and how. Frozen and hashable (usable as a jit static arg).
+
+  Example:
+    >>> LoraConfig(rank=8, alpha=16, targets=(r".*/(q_proj|v_proj)/kernel",))
+  """
+
+  # Rank r of the update B·A (A: in→r, B: r→out).
+  rank: int = 8
+  # Scale numerator: ΔW is multiplied by alpha/rank (alpha/sqrt(rank) with rsLoRA).
+  alpha: float = 8.0
+  # Regexes fullmatched against "/"-joined parameter paths; each must match something.
+  targets: tuple[str, ...] = (ALL_LINEAR,)
+  # Dropout probability on the LoRA branch input (PEFT's lora_dropout).
+  dropout: float = 0.0
+  # rsLoRA: scale alpha/sqrt(rank) instead of alpha/rank.
+  use_rslora: bool = False
+  # Per-path rank overrides: (regex, rank) pairs, first fullmatch wins.
+  rank_pattern: tuple[tuple[str, int], ...] = ()
+  # Per-path alpha overrides: (regex, alpha) pairs, first fullmatch wins.
+  alpha_pattern: tuple[tuple[str, float], ...] = ()
+  # A init: "kaiming" (PEFT default, uniform ±1/sqrt(in)), "gaussian" (N(0, 1/r)),
+  # or "pissa" (top-r SVD of W moved into A·B, base becomes the residual).
+  init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
+  # Which biases train: "none", "all", or "lora_only" (biases of adapted modules).
+  bias: Literal["none", "all", "lora_only"] = "none"
+  # Axis layouts for kernels that are not plain 2-D (in, out): (regex, layout) pairs,
+  # layout one letter per kernel axis: 'i' input, 'o' output, 'b' batch/stacked
+  # (e.g. "bio" for scan-stacked Dense kernels, "iio" for DenseGeneral(axis=(-2,-1))).
+  layouts: tuple[tuple[str, str], ...] = ()
+  # dtype of A and B (None: float32).
+  dtype: str | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "rank_pattern", _freeze_mapping(self.rank_pattern))
+    object.__setattr__(self, "alpha_pattern", _freeze_mapping(self.alpha_pattern))
+    object.__setattr__(self, "layouts", _freeze_mapping(self.layouts))
+    if isinstance(self.targets, str):
+      object.__setattr__(self, "targets", (self.targets,))
+    object.__setattr__(self, "targets", tuple(self.targets))
+    if not isinstance(self.rank, int) or self.rank <= 0:
+      raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
+    if not (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)):
+      raise ValueError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+    if self.init not in ("kaiming", "gaussian", "pissa"):
+      raise ValueError(f"LoraConfig.init must be 'kaiming', 'gaussian' or 'pissa', got {self.init!r}")
+    if self.bias not in ("none", "all", "lora_only"):
+      raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+    if not self.targets:
+      raise ValueError("LoraConfig.targets is empty; give at least one path regex, e.g. ALL_LINEAR")
+    for pat, r in self.rank_pattern:
+      if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"LoraConfig.rank_pattern[{pat!r}] must be a positive int, got {r!r}")
+    for pat, a in self.alpha_pattern:
+      if not (isinstance(a, (int, float)) and a > 0):
+        raise ValueError(f"LoraConfig.alpha_pattern[{pat!r}] must be a positive number, got {a!r}")
+    for pat, lay in self.layouts:
+      if not lay or set(lay) - set("bio") or "i" not in lay or "o" not in lay:
+        raise ValueError(f"LoraConfig.layouts[{pat!r}]={lay!r}: use one of 'b','i','o' per kernel axis, with at least one 'i' and one 'o'")
+
+  @classmethod
+  def all_linear(cls, **kwargs) -> "LoraConfig":
+    """Preset targeting every linear kernel (the QLoRA paper's recommendation)."""
+    return cls(targets=(ALL_LINEAR,), **kwargs)
+
+  def rank_for(self, path: str) -> int:
+    from jax_lora.paths import first_match
+    r = first_match(path, self.rank_pattern)
+    return self.rank if r is None else r
+
+  def alpha_for(self, path: str) -> float:
+    from jax_lora.paths import first_match
+    a = first_match(path, self.alpha_pattern)
+    return float(self.alpha if a is None else a)
+
+  def layout_for(self, path: str, ndim: int) -> str:
+    from jax_lora.paths import first_match
+    lay = first_match(path, self.layouts)
+    if lay is None:
+      if ndim != 2:
+        raise ValueError(
+            f"kernel {path!r} has {ndim} axes; say which are input/output/stacked with "
+            f"LoraConfig(layouts={{{path!r}: '...'}}) using 'i','o','b' per axis (e.g. 'bio'), "
+            "or use jax_lora.linen.infer_layouts(model, ...)"
+        )
+      return "io"
+    if len(lay) != ndim:
+      raise ValueError(f"layout {lay!r} for {path!r} has {len(lay)} letters but the kernel has {ndim} axes")
+    return lay

@@ -1,0 +1,168 @@
+"""The unmerged LoRA matmul: ``y = x@W + s·dropout(x)@A@B``, never forming W + s·BA.
+
+These are the kernels every integration (Linen, NNX, plain functions) calls.
+Tokens are flattened to ``(N, d)`` first: on XLA:CPU, gradients of matmuls that
+contract two axes (batch, seq) fall off the fast GEMM path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jax_lora.lora import LoraWeight, is_quantized, materialize
+
+__all__ = ["dot", "dense", "einsum", "lora_delta"]
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def record_consumed():
+  """Collects the paths of LoraWeights consumed by the fast path (used by probes)."""
+  prev = getattr(_state, "consumed", None)
+  _state.consumed = seen = set()
+  try:
+    yield seen
+  finally:
+    _state.consumed = prev
+
+
+@contextlib.contextmanager
+def dropout_key(rng: jax.Array | None):
+  """Default LoRA-dropout key for :func:`dot` calls inside the context (None: no dropout)."""
+  prev = getattr(_state, "rng", None)
+  _state.rng = rng
+  try:
+    yield
+  finally:
+    _state.rng = prev
+
+
+def _note(path: str) -> None:
+  seen = getattr(_state, "consumed", None)
+  if seen is not None:
+    seen.add(path)
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None, path: str) -> jax.Array:
+  if rate <= 0.0 or rng is None:
+    return x
+  from jax_lora.lora import _path_key
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(_path_key(rng, path), keep, x.shape)
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def lora_delta(x2: jax.Array, lw: LoraWeight, dtype, *, precision=None, rng=None) -> jax.Array:
+  """``s·dropout(x2) @ A @ B`` for tokens ``x2`` of shape (N, prod(in)) → (N, prod(out))."""
+  r = lw.a.shape[-1]
+  a2 = lw.a.astype(dtype).reshape(-1, r)
+  b2 = lw.b.astype(dtype).reshape(r, -1)
+  if a2.shape[0] != x2.shape[-1]:
+    raise ValueError(f"LoRA A for {lw.path!r} has {a2.shape[0]} input features but the layer gets {x2.shape[-1]}")
+  xa = jnp.dot(_dropout(x2, lw.dropout, rng, lw.path), a2, precision=precision)
+  # scale the (N, r) intermediate: cheaper than scaling the (N, out) result.
+  return jnp.dot(xa * jnp.asarray(lw.scale, dtype), b2, precision=precision)
+
+
+def _kernel_parts(kernel: Any, dtype) -> tuple[jax.Array, LoraWeight | None]:
+  if isinstance(kernel, LoraWeight):
+    _note(kernel.path)
+    return materialize(kernel.w, dtype), kernel
+  return materialize(kernel, dtype), None
+
+
+def dense(x: jax.Array, kernel: Any, bias: jax.Array | None = None, *, n_in: int = 1, dtype=None,
+          precision=None, rng: jax.Array | None = None) -> jax.Array:
+  """Contracts the last ``n_in`` axes of ``x`` with the leading ``n_in`` axes of ``kernel``.
+
+  ``kernel`` is a float array, a quantized array (dequantized here, inside the
+  step) or a :class:`LoraWeight` (computed unmerged). ``dtype`` is the compute
+  dtype (default: the result type of ``x`` and the kernel, like Flax).
+  """
+  base = kernel.w if isinstance(kernel, LoraWeight) else kernel
+  if dtype is None:
+    dtype = x.dtype if is_quantized(base) else jnp.result_type(x.dtype, base.dtype)
+  w, lw = _kernel_parts(kernel, dtype)
+  x = x.astype(dtype)
+  lead, ins = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+  if tuple(w.shape[:n_in]) != tuple(ins):
+    raise ValueError(f"kernel input axes {tuple(w.shape[:n_in])} do not match the input's {tuple(ins)}")
+  outs = w.shape[n_in:]
+  x2 = x.reshape(-1, math.prod(ins))
+  y = jnp.dot(x2, w.reshape(x2.shape[1], -1), precision=precision)
+  if lw is not None:
+    y = y + lora_delta(x2, lw, dtype, precision=precision, rng=rng)
+  y = y.reshape(lead + tuple(outs))
+  if bias is not None:
+    y = y + bias.astype(dtype)
+  return y
+
+
+def dot(x: jax.Array, w: Any, *, rng: jax.Array | None = None, precision=None) -> jax.Array:
+  """``x @ w`` for a plain, quantized or LoRA kernel (the helper for hand-written layers).
+
+  >>> y = dot(x, params["w"])   # params from jax_lora.init_lora: runs unmerged
+  """
+  if rng is None:
+    rng = getattr(_state, "rng", None)
+  return dense(x, w, n_in=1, precision=precision, rng=rng)
+
+
+def _parse_einsum(spec: str):
+  spec = spec.replace(" ", "")
+  if "->" not in spec or spec.count(",") != 1 or "." in spec:
+    return None
+  lhs, out = spec.split("->")
+  xs, ks = lhs.split(",")
+  batch = [c for c in ks if c in xs and c in out]
+  ins = [c for c in ks if c in xs and c not in out]
+  outs = [c for c in ks if c in out and c not in xs]
+  if len(batch) + len(ins) + len(outs) != len(ks) or not ins or not outs:
+    return None
+  return xs, ks, out, batch, ins, outs
+
+
+def einsum_layout(spec: str) -> str | None:
+  """LoRA layout ('b'/'i'/'o' per kernel axis) implied by an einsum ``"x,kernel->y"``."""
+  parsed = _parse_einsum(spec)
+  if parsed is None:
+    return None
+  _, ks, _, batch, ins, _ = parsed
+  return "".join("b" if c in batch else "i" if c in ins else "o" for c in ks)
+
+
+def einsum(spec: str, x: jax.Array, kernel: Any, *, dtype=None, precision=None, rng=None) -> jax.Array:
+  """``jnp.einsum(spec, x, kernel)`` with a plain, quantized or LoRA kernel, unmerged."""
+  base = kernel.w if isinstance(kernel, LoraWeight) else kernel
+  if dtype is None:
+    dtype = x.dtype if is_quantized(base) else jnp.result_type(x.dtype, base.dtype)
+  w, lw = _kernel_parts(kernel, dtype)
+  x = x.astype(dtype)
+  y = jnp.einsum(spec, x, w, precision=precision)
+  if lw is None:
+    return y
+  parsed = _parse_einsum(spec)
+  if parsed is None:
+    raise ValueError(f"einsum {spec!r} for {lw.path!r}: LoRA needs 'x,kernel->y' without '...' "
+                     "and with input and output kernel axes")
+  xs, ks, out, batch, ins, outs = parsed
+  used = set(xs + ks + out)
+  rch = next(c for c in "rzyxwvutsqponmlkjihgfedcbaRZYXWVUTSQPONMLKJIHGFEDCBA" if c not in used)
+  a_spec = "".join(batch + ins) + rch
+  b_spec = "".join(batch) + rch + "".join(outs)
+  want_a = tuple(w.shape[ks.index(c)] for c in batch + ins) + (lw.rank,)
+  if tuple(lw.a.shape) != want_a:
+    raise ValueError(f"LoRA A for {lw.path!r} has shape {tuple(lw.a.shape)} but einsum {spec!r} implies {want_a}; "
+                     f"init it with layout {einsum_layout(spec)!r}")
+  xa_spec = "".join(c for c in xs if c not in ins) + rch
+  xd = _dropout(x, lw.dropout, rng, lw.path)
+  xa = jnp.einsum(f"{xs},{a_spec}->{xa_spec}", xd, lw.a.astype(dtype), precision=precision)
+  xa = xa * jnp.asarray(lw.scale, dtype)
+  return y + jnp.einsum(f"{xa_spec},{b_spec}->{out}", xa, lw.b.astype(dtype), precision=precision)

@@ -1,0 +1,41 @@
+"""optax helper: an optimizer whose state exists only for the LoRA factors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import optax
+
+from jax_lora.lora import LoraWeight, _split_map, _trainable_bias_paths
+
+__all__ = ["lora_optimizer"]
+
+
+def _labels(adapted: Any, bias: str) -> Any:
+  bias_paths = _trainable_bias_paths(adapted, bias)
+
+  def lab(path, v):
+    if isinstance(v, LoraWeight):
+      return dataclasses.replace(v, w="frozen", a="lora", b="lora")
+    return "lora" if path in bias_paths else "frozen"
+
+  return _split_map(lab, adapted)
+
+
+def lora_optimizer(tx: optax.GradientTransformation, bias: str = "none") -> optax.GradientTransformation:
+  """Wraps ``tx`` for the *full* adapted tree so that only A/B (and chosen biases) train.
+
+  Frozen leaves get ``optax.set_to_zero()`` (no state, zero update); unlike
+  ``optax.masked``, which passes masked-out gradients through unchanged and so
+  freezes nothing. Prefer differentiating the trainable half of
+  :func:`jax_lora.split` alone (then no base gradient is ever computed and a
+  plain ``tx`` already holds state for A/B only); this wrapper is for code that
+  keeps one tree.
+
+  Example:
+    >>> tx = lora_optimizer(optax.adamw(1e-3))
+    >>> opt_state = tx.init(adapted)   # Adam moments for A and B only
+  """
+  return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()},
+                               lambda tree: _labels(tree, bias))
