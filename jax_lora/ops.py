@@ -8,6 +8,7 @@ contract two axes (batch, seq) fall off the fast GEMM path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from typing import Any
@@ -59,6 +60,45 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None, path: str) -> jax
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def _add_low_rank(y: jax.Array, u: jax.Array, v: jax.Array, precision=None) -> jax.Array:
+  """``y + u @ v`` for a thin ``u`` (N, r)."""
+  return y + jnp.dot(u, v, precision=precision)
+
+
+def lora_matmul(x, xd, w, a, b, scale, precision=None):
+  """``x @ w + scale·(xd @ a) @ b`` on 2-D operands, without forming ``a @ b``.
+
+  ``xd`` is ``x`` with LoRA dropout applied, or ``x`` itself (then a custom VJP
+  with thin rank-r products and fused low-rank adds is used; its gradient for
+  ``w`` is only computed if someone asks for it, otherwise XLA removes it).
+  """
+  if xd is x:
+    return _lmm(x, w, a, b, scale, precision)
+  xa = jnp.dot(xd, a, precision=precision) * jnp.asarray(scale, x.dtype)
+  return _add_low_rank(jnp.dot(x, w, precision=precision), xa, b, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lmm(x, w, a, b, scale, precision=None):
+  return _lmm_fwd(x, w, a, b, scale, precision)[0]
+
+
+def _lmm_fwd(x, w, a, b, scale, precision):
+  xa = jnp.dot(x, a, precision=precision) * jnp.asarray(scale, x.dtype)
+  return _add_low_rank(jnp.dot(x, w, precision=precision), xa, b, precision), (x, w, a, b, xa)
+
+
+def _lmm_bwd(scale, precision, res, g):
+  x, w, a, b, xa = res
+  gb = jnp.dot(g, b.T, precision=precision) * jnp.asarray(scale, g.dtype)  # (N, r)
+  dx = _add_low_rank(jnp.dot(g, w.T, precision=precision), gb, a.T, precision)
+  return (dx, jnp.dot(x.T, g, precision=precision), jnp.dot(x.T, gb, precision=precision),
+          jnp.dot(xa.T, g, precision=precision))
+
+
+_lmm.defvjp(_lmm_fwd, _lmm_bwd)
+
+
 def lora_delta(x2: jax.Array, lw: LoraWeight, dtype, *, precision=None, rng=None) -> jax.Array:
   """``s·dropout(x2) @ A @ B`` for tokens ``x2`` of shape (N, prod(in)) → (N, prod(out))."""
   r = lw.a.shape[-1]
@@ -96,9 +136,16 @@ def dense(x: jax.Array, kernel: Any, bias: jax.Array | None = None, *, n_in: int
     raise ValueError(f"kernel input axes {tuple(w.shape[:n_in])} do not match the input's {tuple(ins)}")
   outs = w.shape[n_in:]
   x2 = x.reshape(-1, math.prod(ins))
-  y = jnp.dot(x2, w.reshape(x2.shape[1], -1), precision=precision)
-  if lw is not None:
-    y = y + lora_delta(x2, lw, dtype, precision=precision, rng=rng)
+  w2 = w.reshape(x2.shape[1], -1)
+  if lw is None:
+    y = jnp.dot(x2, w2, precision=precision)
+  else:
+    r = lw.a.shape[-1]
+    a2, b2 = lw.a.astype(dtype).reshape(-1, r), lw.b.astype(dtype).reshape(r, -1)
+    if a2.shape[0] != x2.shape[1]:
+      raise ValueError(f"LoRA A for {lw.path!r} has {a2.shape[0]} input features but the layer gets {x2.shape[1]}")
+    xd = _dropout(x2, lw.dropout, rng, lw.path)
+    y = lora_matmul(x2, xd, w2, a2, b2, lw.scale, precision)
   y = y.reshape(lead + tuple(outs))
   if bias is not None:
     y = y + bias.astype(dtype)
