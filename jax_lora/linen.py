@@ -158,6 +158,11 @@ def _cache_key(model, adapted, args, kwargs, method):
 
 
 def _unsupported(m, args, kwargs) -> bool:
+  # custom matmuls (e.g. AQT) or output dtypes change the math: leave those layers to Flax.
+  if getattr(m, "dot_general", None) is not None or getattr(m, "dot_general_cls", None) is not None:
+    return True
+  if getattr(m, "preferred_element_type", None) is not None:
+    return True
   if type(m) is nn.DenseGeneral and m.batch_dims not in ((), None):
     return True
   if type(m) is nn.Einsum:
