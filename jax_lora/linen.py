@@ -176,8 +176,22 @@ def _probe(model, adapted, args, kwargs, method) -> frozenset:
   if key not in _probe_cache:
     seen = _intercepted_paths(model, adapted, args, kwargs, method)
     bad = _unsupported_paths(model, adapted, args, kwargs, method)
+    special = {p for p, v in _leaves(adapted).items() if _special(v)}
+    if special - (seen - bad) and not bad and _runs_as_is(model, adapted, args, kwargs, method):
+      # the rest reach jax_lora.dot (hand-written layers) or are unused: keep them all
+      seen = special
     _probe_cache[key] = frozenset(seen - bad)
   return _probe_cache[key]
+
+
+def _runs_as_is(model, adapted, args, kwargs, method) -> bool:
+  """Whether the model traces with every LoRA/quantized kernel left in place."""
+  try:
+    with intercept():
+      jax.eval_shape(lambda p: model.apply({"params": p}, *args, method=method, **kwargs), adapted)
+    return True
+  except Exception:  # noqa: BLE001 - any failure means "not as is": merge those kernels
+    return False
 
 
 def _unsupported_paths(model, adapted, args, kwargs, method) -> set[str]:

@@ -249,7 +249,7 @@ class Custom(nn.Module):
   @nn.compact
   def __call__(self, x):
     w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 8))
-    return nn.Dense(4, name="head")(jnp.tanh(x @ w))
+    return nn.Dense(4, name="head")(jnp.tanh(jnp.einsum("bi,io->bo", x, w)))
 
 
 def test_linen_fallback_merges_and_warns_once():
@@ -411,3 +411,26 @@ def test_adapter_input_mismatch_is_clear():
   ad = jl.init_lora(mlp_params(), jl.LoraConfig(rank=2, targets=(r"l1/kernel",)), KEY)
   with pytest.raises(ValueError, match="do not match"):
     jl.dot(jnp.ones((2, 7)), ad["l1"]["kernel"])
+
+
+class HandWritten(nn.Module):
+  """A custom layer that uses the exported helper: stays unmerged, no warning."""
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 8))
+    return nn.Dense(4, name="head")(jnp.tanh(jl.dot(x, w)))
+
+
+def test_linen_hand_written_layer_with_dot_stays_unmerged():
+  m = HandWritten()
+  x = jax.random.normal(KEY, (3, 16))
+  p = m.init(KEY, x)["params"]
+  ad = randomize_b(jl.init_lora(p, jl.LoraConfig(rank=2, targets=(r"(.*/)?kernel",)), KEY))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = jl.linen.apply(m, ad, x)
+  close(got, m.apply({"params": jl.merge(ad)}, x), 1e-5)
+  tr, fr = jl.split(ad)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda t: jnp.sum(jl.linen.apply(m, jl.combine(t, fr), x))))(tr)
+  shapes = [tuple(tuple(v.aval.shape) for v in e.invars) for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert ((16, 2), (2, 8)) not in shapes  # no dense A@B
