@@ -18,7 +18,7 @@ from flax import nnx
 
 from jax_lora import ops
 from jax_lora.linen import _fallback
-from jax_lora.lora import LoraWeight, _map, is_quantized
+from jax_lora.lora import LoraWeight, _leaves, _map, is_quantized
 
 __all__ = ["apply", "intercept"]
 
@@ -134,6 +134,14 @@ def _probe(graphdef, adapted, others, method, args, kwargs) -> frozenset:
       _local.probe = None
 
   jax.eval_shape(run)
+  special = {p for p, v in _leaves(adapted).items() if _special(v)}
+  if special - seen:
+    try:  # hand-written layers using jax_lora.dot, or unused kernels: keep them all
+      with intercept():
+        jax.eval_shape(lambda: getattr(nnx.merge(graphdef, adapted, *others), method or "__call__")(*args, **kwargs))
+      seen = special
+    except Exception:  # noqa: BLE001 - merge what the fast path does not reach
+      pass
   return frozenset(seen)
 
 
