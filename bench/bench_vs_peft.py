@@ -55,7 +55,8 @@ def jax_side(folder, ids, mask, rank, alpha, lr):
   import jax_lora as jl
   from jax_lora.models import load_hf
 
-  model, params, _ = load_hf(folder, dtype=jnp.float32)
+  model, variables, _ = load_hf(folder, dtype=jnp.float32)
+  params = variables["params"]
   cfg = jl.LoraConfig(rank=rank, alpha=alpha, targets=(r".*/(" + "|".join(TARGETS) + r")/kernel",))
   tr, fr = jl.split(jl.init_lora(params, cfg, jax.random.key(0)))
   tx = optax.adamw(lr)
@@ -65,7 +66,7 @@ def jax_side(folder, ids, mask, rank, alpha, lr):
   @jax.jit
   def step_fn(tr, st):
     def loss_fn(t):
-      logits = jl.linen.apply(model, jl.combine(t, fr), ids_j, mask_j)
+      logits, _ = jl.linen.apply(model, jl.combine(t, fr), ids_j, mask_j)
       logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
       nll = -jnp.take_along_axis(logp, ids_j[:, 1:, None], axis=-1)[..., 0]
       w = mask_j[:, 1:].astype(jnp.float32)
