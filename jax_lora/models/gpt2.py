@@ -188,7 +188,7 @@ class GPT2LMHeadModel(nn.Module):
     tr = GPT2Model(self.config, dtype=self.dtype, param_dtype=self.param_dtype, name="transformer")
     x, cache = tr(input_ids, mask, positions, cache, index)
     logits = tr.logits(x.reshape(b * s, -1))
-    return logits.reshape(b, s, -1).astype(jnp.float32), cache
+    return logits.reshape(b, s, -1).astype(jnp.promote_types(self.dtype, jnp.float32)), cache
 
 
 def init_cache(config: GPT2Config, batch: int, max_len: int, dtype=jnp.float32):

@@ -83,6 +83,9 @@ def _ignored(key: str, config) -> bool:
 def params_from_hf_state(state: Mapping[str, Any], config, dtype=jnp.float32) -> dict:
   """Nested Flax params from an HF state dict ``{key: array}``; every parameter must be present.
 
+  The result is the ``"params"`` collection itself (``model.apply({"params": p}, …)``),
+  the tree ``jax_lora.init_lora`` and ``jax_lora.linen.apply`` take.
+
   Args:
     state: HF keys → arrays (numpy or jax).
     config: our config (decides the family and ``scan_layers``).
@@ -112,13 +115,16 @@ def params_from_hf_state(state: Mapping[str, Any], config, dtype=jnp.float32) ->
     raise ValueError(f"shape mismatch for {bad[0]}: checkpoint {flat[bad[0]].shape}, config {want[bad[0]]}")
   if getattr(config, "scan_layers", False):
     flat = llama.stack_layers(flat, config.num_hidden_layers)
-  return {"params": traverse_util.unflatten_dict(flat, sep="/")}
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def hf_state_from_params(params: Mapping[str, Any], config) -> dict[str, jax.Array]:
-  """HF state dict ``{key: array}`` from our params (plain arrays; merge LoRA first)."""
+  """HF state dict ``{key: array}`` from our params (plain arrays; merge LoRA first).
+
+  ``params`` is the "params" collection (a ``{"params": …}`` variables dict is unwrapped).
+  """
   fam = family(config)
-  tree = params.get("params", params)
+  tree = params["params"] if set(params) == {"params"} else params
   flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
   if getattr(config, "scan_layers", False):
     flat = llama.unstack_layers(flat)
@@ -158,7 +164,7 @@ def load_hf(folder: str, dtype=jnp.float32, param_dtype=None, **overrides):
     **overrides: config fields to change, e.g. ``scan_layers=True``.
 
   Returns:
-    ``(model, params, config)``; ``model.apply(params, input_ids, attention_mask)``
+    ``(model, params, config)``; ``model.apply({"params": params}, input_ids, attention_mask)``
     returns ``(logits, cache)``.
   """
   path = os.path.join(folder, "config.json")

@@ -355,7 +355,7 @@ class LlamaForCausalLM(nn.Module):
       logits = model.logits_tied(x)
     else:
       logits = _dense(c.vocab_size, "lm_head", False, self.dtype, self.param_dtype)(x)
-    return logits.reshape(b, s, -1).astype(jnp.float32), cache
+    return logits.reshape(b, s, -1).astype(jnp.promote_types(self.dtype, jnp.float32)), cache
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32):
