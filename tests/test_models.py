@@ -71,7 +71,7 @@ def _torch_logits(m, ids, mask):
 
 
 def _logits(model, params, ids, mask=None):
-  out, _ = model.apply({"params": params}, jnp.asarray(ids), None if mask is None else jnp.asarray(mask))
+  out, _ = model.apply(params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask))
   return np.asarray(out)
 
 
@@ -121,7 +121,7 @@ def test_hf_key_mapping_known(model_type, key, path):
 def test_hf_key_mapping_round_trips_every_checkpoint_key(tiny, name):
   m, folder = tiny[name]
   _, params, _ = hf.load_hf(folder)
-  paths = set(flat_paths(params))
+  paths = set(flat_paths(params["params"]))
   keys = [k for k in m.state_dict() if not hf._ignored(k, hf.load_hf(folder)[2])]
   assert {hf.hf_key_to_path(k, name) for k in keys} == paths
   assert all(hf.path_to_hf_key(hf.hf_key_to_path(k, name), name) == k for k in keys)
@@ -141,9 +141,9 @@ def test_save_hf_loads_in_transformers(tiny, name, tmp_path):
 def test_scan_layers_same_logits_and_stacked_paths(tiny):
   model, params, config = hf.load_hf(tiny["llama"][1])
   smodel, sparams, sconfig = hf.load_hf(tiny["llama"][1], scan_layers=True)
-  q = sparams["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  q = sparams["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
   assert q.shape == (2, 64, 64)
-  np.testing.assert_array_equal(q[1], params["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"])
+  np.testing.assert_array_equal(q[1], params["params"]["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"])
   ids, mask = _batch()
   np.testing.assert_allclose(_logits(smodel, sparams, ids, mask), _logits(model, params, ids, mask), atol=1e-5)
   # Round trip to HF keys unstacks the layers.
@@ -200,7 +200,7 @@ def test_generate_through_lora_apply(tiny):
   """LoRA params (LoraWeight leaves) go through apply_fn untouched; B=0 gives the base tokens."""
   model, params, _ = hf.load_hf(tiny["llama"][1])
   ids, mask = _batch(seed=4, s=6)
-  adapted = jl.init_lora(params, jl.LoraConfig(rank=4, alpha=8.0, targets=(r".*/(q_proj|v_proj)/kernel",)), jax.random.key(0))
+  adapted = jl.init_lora(params["params"], jl.LoraConfig(rank=4, alpha=8.0, targets=(r".*/(q_proj|v_proj)/kernel",)), jax.random.key(0))
   apply = functools.partial(jl.linen.apply, model)
   out = generate(model, adapted, ids, mask, max_new_tokens=5, apply_fn=apply)
   np.testing.assert_array_equal(out, generate(model, params, ids, mask, max_new_tokens=5))
@@ -278,7 +278,7 @@ def test_smollm2_logits_match_transformers_gguf(smollm2):
   with jax.enable_x64(True):
     model64 = hf.model_from_config(config, jnp.float64, jnp.float64)
     params64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
-    ours64 = np.asarray(model64.apply({"params": params64}, jnp.asarray(ids))[0])
+    ours64 = np.asarray(model64.apply(params64, jnp.asarray(ids))[0])
   assert ours64.dtype == np.float64
   np.testing.assert_allclose(ours64, want64, atol=1e-4, rtol=0)
   # float32: 30 layers of XLA:CPU GEMMs round ~3x more than PyTorch's (measured 7e-7 vs 2.5e-7

@@ -10,7 +10,6 @@ params unmerged.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -44,16 +43,6 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_p: 
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ModelApply:
-  """``model.apply`` on the bare "params" collection; hashable, so compiled loops are reused."""
-
-  model: nn.Module
-
-  def __call__(self, params, *args, **kwargs):
-    return self.model.apply({"params": params}, *args, **kwargs)
 
 
 @functools.lru_cache(maxsize=32)
@@ -105,8 +94,9 @@ def generate(
 
   Args:
     model: one of our causal LMs (its ``config`` and ``dtype`` size the cache).
-    params: the model's "params" collection (as returned by ``load_hf``), passed
-      untouched to ``apply_fn``: it may hold LoRA or quantized weights.
+    params: what ``apply_fn`` takes, passed through untouched: the variables
+      dict from ``load_hf`` for ``model.apply``, or the LoRA tree (``LoraWeight``
+      or quantized leaves) for ``jax_lora.linen.apply``.
     input_ids: (b, s) prompt tokens, left- or right-padded.
     attention_mask: (b, s) 1 for real tokens, 0 for padding (default all ones).
     max_new_tokens: tokens to generate per row (the compiled loop's fixed length).
@@ -116,7 +106,7 @@ def generate(
     top_p: nucleus sampling mass (1.0 keeps every token).
     seed: PRNG seed for sampling.
     apply_fn: ``apply_fn(params, input_ids, attention_mask=, cache=, index=)``
-      returning ``(logits, cache)``; default ``model.apply({"params": params}, …)``. Pass
+      returning ``(logits, cache)``; default ``model.apply``. Pass
       ``functools.partial(jax_lora.linen.apply, model)`` for LoRA params. Keep
       one function object across calls: the compiled loop is cached on it.
 
@@ -140,6 +130,6 @@ def generate(
   eos = -1 if eos_token_id is None else int(eos_token_id)
   pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
   fn = _compiled(
-      apply_fn or _ModelApply(model), model.config, model.dtype, int(max_new_tokens), eos, int(pad), float(temperature), float(top_p)
+      apply_fn or model.apply, model.config, model.dtype, int(max_new_tokens), eos, int(pad), float(temperature), float(top_p)
   )
   return np.asarray(fn(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed)))

@@ -109,7 +109,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 def load_gguf(path: str, dtype=jnp.float32, param_dtype=None, **overrides):
-  """Loads a Llama-architecture GGUF file as ``(model, params, config)``.
+  """Loads a Llama-architecture GGUF file as ``(model, variables, config)`` like ``load_hf``.
 
   Args:
     path: the ``.gguf`` file (quantized tensors are dequantized to float).

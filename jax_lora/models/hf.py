@@ -83,8 +83,8 @@ def _ignored(key: str, config) -> bool:
 def params_from_hf_state(state: Mapping[str, Any], config, dtype=jnp.float32) -> dict:
   """Nested Flax params from an HF state dict ``{key: array}``; every parameter must be present.
 
-  The result is the ``"params"`` collection itself (``model.apply({"params": p}, …)``),
-  the tree ``jax_lora.init_lora`` and ``jax_lora.linen.apply`` take.
+  The result is a variables dict ``{"params": tree}`` for ``model.apply``;
+  ``jax_lora.init_lora`` and ``jax_lora.linen.apply`` take ``tree`` itself.
 
   Args:
     state: HF keys → arrays (numpy or jax).
@@ -115,13 +115,13 @@ def params_from_hf_state(state: Mapping[str, Any], config, dtype=jnp.float32) ->
     raise ValueError(f"shape mismatch for {bad[0]}: checkpoint {flat[bad[0]].shape}, config {want[bad[0]]}")
   if getattr(config, "scan_layers", False):
     flat = llama.stack_layers(flat, config.num_hidden_layers)
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return {"params": traverse_util.unflatten_dict(flat, sep="/")}
 
 
 def hf_state_from_params(params: Mapping[str, Any], config) -> dict[str, jax.Array]:
   """HF state dict ``{key: array}`` from our params (plain arrays; merge LoRA first).
 
-  ``params`` is the "params" collection (a ``{"params": …}`` variables dict is unwrapped).
+  ``params`` is a variables dict ``{"params": tree}`` or the tree itself.
   """
   fam = family(config)
   tree = params["params"] if set(params) == {"params"} else params
@@ -164,8 +164,8 @@ def load_hf(folder: str, dtype=jnp.float32, param_dtype=None, **overrides):
     **overrides: config fields to change, e.g. ``scan_layers=True``.
 
   Returns:
-    ``(model, params, config)``; ``model.apply({"params": params}, input_ids, attention_mask)``
-    returns ``(logits, cache)``.
+    ``(model, variables, config)``: ``variables`` is ``{"params": tree}``, and
+    ``model.apply(variables, input_ids, attention_mask)`` returns ``(logits, cache)``.
   """
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
