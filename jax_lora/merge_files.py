@@ -1,0 +1,156 @@
+"""Merge a PEFT LoRA folder into a Hugging Face model folder, on the safetensors alone.
+
+No model is built: for every adapted module ``m`` the tensor ``m.weight`` gets
+``W += s·B@A`` (torch Linear, (out, in)) or ``W += s·(B@A)ᵀ`` (GPT-2 Conv1D,
+``fan_in_fan_out``), exactly as PEFT's ``merge_and_unload`` does in float32.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from jax_lora.peft import _few, adapter_modules, atomic_folder, read_peft
+
+__all__ = ["read_model_tensors", "merged_tensors", "merge_adapter_files", "copy_side_files", "SIDE_FILES"]
+
+# Files of a model folder that travel with the weights (config, tokenizer, generation settings).
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+              "chat_template.jinja", "chat_template.json", "vocab.txt", "spiece.model")
+
+
+def weight_files(folder: str) -> list[str]:
+  """The safetensors files of a model folder (sharded or not)."""
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      return [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+  single = os.path.join(folder, "model.safetensors")
+  if os.path.exists(single):
+    return [single]
+  found = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+  if found:
+    return found
+  raise ValueError(f"{folder} has no model.safetensors (or shards); only safetensors checkpoints are read")
+
+
+def read_model_tensors(folder: str) -> dict[str, Any]:
+  """``{key: array}`` of every tensor of a model folder (numpy; bf16 via ml_dtypes)."""
+  from safetensors import safe_open
+
+  out = {}
+  for path in weight_files(folder):
+    with safe_open(path, framework="flax") as f:
+      for k in f.keys():
+        out[k] = np.asarray(f.get_tensor(k))
+  return out
+
+
+def _base_key(module: str, keys: set[str]) -> str | None:
+  want = module + ".weight"
+  if want in keys:
+    return want
+  # checkpoints saved from the bare model lack the head's prefix ("transformer.", "model.")
+  cands = [k for k in keys if want.endswith("." + k) or k.endswith("." + want)]
+  return cands[0] if len(cands) == 1 else None
+
+
+def merged_tensors(base: dict[str, Any], adapter_folder: str) -> dict[str, Any]:
+  """Base tensors with the adapter folded in (float32 math, stored back in each weight's dtype).
+
+  Raises:
+    ValueError: adapter modules with no ``<module>.weight`` in the base, or shapes that do not fit.
+  """
+  adapter = read_peft(adapter_folder)
+  mods = adapter_modules(adapter)
+  fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False))
+  keys = set(base)
+  found, missing, bad = {}, [], []
+  for mod, e in mods.items():
+    k = _base_key(mod, keys)
+    if k is None:
+      missing.append(mod)
+      continue
+    w = base[k]
+    want = (e["A"].shape[1], e["B"].shape[0]) if fan_in_fan_out else (e["B"].shape[0], e["A"].shape[1])
+    if w.ndim != 2 or tuple(w.shape) != want:
+      bad.append(f"{k}: {tuple(w.shape)} but the adapter implies {want}")
+    found[mod] = k
+  if missing:
+    raise ValueError(f"{adapter_folder}: adapter modules with no '<module>.weight' in the base: {_few(missing)}; "
+                     "wrong base model?")
+  if bad:
+    raise ValueError(f"{adapter_folder}: adapter shapes do not fit the base: {'; '.join(bad[:3])}")
+  out = dict(base)
+  for mod, k in found.items():
+    e = mods[mod]
+    s = e["alpha"] / (math.sqrt(e["rank"]) if e["rslora"] else e["rank"])
+    delta = (e["B"].astype(np.float32) @ e["A"].astype(np.float32)) * np.float32(s)
+    if fan_in_fan_out:
+      delta = delta.T
+    w = base[k]
+    out[k] = (w.astype(np.float32) + delta).astype(w.dtype)
+  return out
+
+
+def copy_side_files(src: str, dst: str, dtype: str | None = None) -> None:
+  """Copies config/tokenizer files; with ``dtype``, config.json records it."""
+  for name in SIDE_FILES:
+    p = os.path.join(src, name)
+    if os.path.isfile(p):
+      shutil.copyfile(p, os.path.join(dst, name))
+  cfg = os.path.join(dst, "config.json")
+  if dtype is not None and os.path.exists(cfg):
+    with open(cfg) as f:
+      c = json.load(f)
+    c["dtype"] = dtype
+    c.pop("torch_dtype", None)
+    with open(cfg, "w") as f:
+      json.dump(c, f, indent=2)
+
+
+def _cast(tensors: dict[str, Any], dtype: str | None) -> dict[str, Any]:
+  if dtype is None:
+    return tensors
+  import ml_dtypes
+
+  target = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(dtype)
+  if target is None:
+    raise ValueError(f"dtype {dtype!r} is not supported; use float32, bfloat16 or float16")
+  return {k: (v.astype(target) if np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16 else v)
+          for k, v in tensors.items()}
+
+
+def save_tensors(path: str, tensors: dict[str, Any]) -> None:
+  """Writes ``{key: numpy array}`` (bf16 allowed) as safetensors with metadata format=pt."""
+  from safetensors.flax import save_file
+  import jax.numpy as jnp
+
+  save_file({k: jnp.asarray(v) for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def merge_adapter_files(base: str, adapter: str, out: str, dtype: str | None = None) -> None:
+  """``jax-lora merge``: HF model folder + PEFT folder → merged HF model folder (atomic).
+
+  Args:
+    base: Hugging Face model folder (config.json + safetensors).
+    adapter: PEFT LoRA folder.
+    out: output folder (config, tokenizer files if present, model.safetensors).
+    dtype: "float32" or "bfloat16" to cast floating tensors; None keeps each tensor's dtype.
+  """
+  if not os.path.isfile(os.path.join(base, "config.json")):
+    raise ValueError(f"{base} has no config.json; pass a Hugging Face model folder as --base")
+  tensors = read_model_tensors(base)
+  if dtype == "float32":  # widen before merging so bf16 bases merge in float32
+    tensors = _cast(tensors, dtype)
+  tensors = _cast(merged_tensors(tensors, adapter), dtype)
+  with atomic_folder(out) as tmp:
+    copy_side_files(base, tmp, dtype)
+    save_tensors(os.path.join(tmp, "model.safetensors"), tensors)
