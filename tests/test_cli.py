@@ -1,0 +1,168 @@
+"""The jax-lora command line against PEFT/transformers references (in-process, plus one real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from jax_lora.cli import main  # noqa: E402
+from test_peft import TEXTS, peft_adapter, tiny_model, torch_loss  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  d = tmp_path_factory.mktemp("cli")
+  out = {}
+  for kind in ("llama", "gpt2"):
+    base = str(d / f"{kind}_base")
+    tiny_model(base, kind, seed=3)
+    adapter = str(d / f"{kind}_adapter")
+    extra = dict(rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 5.0}) if kind == "llama" else dict(use_rslora=True)
+    pm = peft_adapter(base, adapter, kind, seed=4, **extra)
+    out[kind] = (base, adapter, pm)
+  data = d / "data.txt"
+  data.write_text("\n".join(TEXTS) + "\n")
+  jsonl = d / "data.jsonl"
+  jsonl.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(TEXTS)) + "\n")
+  out["txt"], out["jsonl"] = str(data), str(jsonl)
+  return out
+
+
+def run(capsys, *argv):
+  rc = main(list(argv))
+  cap = capsys.readouterr()
+  return rc, cap.out, cap.err
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_eval_with_adapter_matches_peft(folders, capsys, kind):
+  base, adapter, pm = folders[kind]
+  rc, out, err = run(capsys, "eval", "--model", base, "--adapter", adapter, "--data", folders["txt"], "--batch-size", "2")
+  assert rc == 0, err
+  got = json.loads(out)
+  want = torch_loss(pm, base, TEXTS)
+  tok = transformers.AutoTokenizer.from_pretrained(base)
+  assert got["tokens"] == sum(len(tok(t)["input_ids"]) - 1 for t in TEXTS)
+  assert got["loss"] == pytest.approx(want, rel=1e-5)
+  assert got["perplexity"] == pytest.approx(np.exp(want), rel=1e-5)
+
+
+def test_eval_jsonl_base_model(folders, capsys):
+  base, _, _ = folders["llama"]
+  rc, out, err = run(capsys, "eval", "--model", base, "--data", folders["jsonl"])
+  assert rc == 0, err
+  ref = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+  assert json.loads(out)["loss"] == pytest.approx(torch_loss(ref, base, TEXTS), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merge_equals_peft_merge_and_unload(folders, capsys, tmp_path, kind):
+  base, adapter, _ = folders[kind]
+  out = str(tmp_path / "merged")
+  rc, _, err = run(capsys, "merge", "--base", base, "--adapter", adapter, "--out", out)
+  assert rc == 0, err
+  assert os.path.exists(os.path.join(out, "tokenizer.json"))
+  pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), adapter)
+  want = pm.merge_and_unload().state_dict()
+  got_model = transformers.AutoModelForCausalLM.from_pretrained(out)
+  got = got_model.state_dict()
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), atol=1e-6, rtol=0, err_msg=k)
+  plain = transformers.AutoModelForCausalLM.from_pretrained(base).state_dict()
+  assert max(float((want[k] - plain[k]).abs().max()) for k in want) > 1e-3  # the merge changed weights
+
+
+def test_merge_bfloat16(folders, capsys, tmp_path):
+  base, adapter, _ = folders["llama"]
+  out = str(tmp_path / "bf16")
+  rc, _, err = run(capsys, "merge", "--base", base, "--adapter", adapter, "--out", out, "--dtype", "bfloat16")
+  assert rc == 0, err
+  m = transformers.AutoModelForCausalLM.from_pretrained(out)
+  assert m.config.dtype == torch.bfloat16 or str(m.config.dtype).endswith("bfloat16")
+  from safetensors import safe_open
+  with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+    assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+
+
+def test_inspect_counts_match_peft(folders, capsys, tmp_path):
+  base, _, _ = folders["llama"]
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("lora:\n  rank: 4\n  alpha: 8\n  targets: ['.*/(q_proj|v_proj)/kernel']\n  rank_pattern: {'.*layers_1/self_attn/q_proj/kernel': 2}\n")
+  rc, out, err = run(capsys, "inspect", "--model", base, "--config", str(cfg))
+  assert rc == 0, err
+  pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                           peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           rank_pattern={"layers.1.self_attn.q_proj": 2}))
+  trainable, total = pm.get_nb_trainable_parameters()
+  assert f"trainable params: {trainable:,} || all params: {total:,}" in out
+  assert out.count("q_proj/kernel") == 2 and out.count("v_proj/kernel") == 2
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "--model", "{base}", "--data", "/nonexistent.txt"], "does not exist"),
+    (["merge", "--base", "{base}", "--adapter", "{other}", "--out", "{tmp}/m"], "not in the base|no '<module>.weight'|do not fit"),
+    (["inspect", "--model", "{tmp}"], "config.json"),
+    (["eval", "--model", "{base}", "--data", "{tmp}/x.csv"], ".txt"),
+])
+def test_errors_are_one_line(folders, capsys, tmp_path, argv, match):
+  base = folders["llama"][0]
+  other = folders["gpt2"][1]
+  (tmp_path / "x.csv").write_text("a\n")
+  argv = [a.format(base=base, other=other, tmp=tmp_path) for a in argv]
+  rc, _, err = run(capsys, *argv)
+  assert rc == 1
+  assert len(err.strip().splitlines()) == 1
+  import re
+  assert re.search(match, err), err
+  assert not os.path.exists(tmp_path / "m")
+
+
+def test_bad_flag_exits_2(capsys):
+  with pytest.raises(SystemExit) as e:
+    main(["merge", "--base", "x"])
+  assert e.value.code == 2
+  assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_merge_is_atomic_on_failure(folders, capsys, tmp_path):
+  base = folders["llama"][0]
+  out = tmp_path / "keep"
+  out.mkdir()
+  (out / "marker").write_text("old")
+  bad = tmp_path / "bad_adapter"
+  shutil.copytree(folders["llama"][1], bad)
+  (bad / "adapter_model.safetensors").write_bytes(b"garbage")
+  rc, _, _ = run(capsys, "merge", "--base", base, "--adapter", str(bad), "--out", str(out))
+  assert rc == 1 and (out / "marker").read_text() == "old"
+  assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_console_script(folders, tmp_path):
+  exe = shutil.which("jax-lora") or os.path.join(os.path.dirname(sys.executable), "jax-lora")
+  if not os.path.exists(exe):
+    pytest.skip("jax-lora console script not installed (pip install -e .)")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+  h = subprocess.run([exe, "--help"], capture_output=True, text=True, env=env, timeout=120)
+  assert h.returncode == 0 and all(c in h.stdout for c in ("merge", "eval", "quantize", "inspect", "train"))
+  base, adapter, _ = folders["gpt2"]
+  out = str(tmp_path / "m")
+  r = subprocess.run([exe, "merge", "--base", base, "--adapter", adapter, "--out", out], capture_output=True,
+                     text=True, env=env, timeout=300)
+  assert r.returncode == 0, r.stderr
+  assert os.path.exists(os.path.join(out, "model.safetensors"))
+  bad = subprocess.run([exe, "merge", "--base", base, "--adapter", folders["llama"][1], "--out", out + "2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+  assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
