@@ -1,0 +1,462 @@
+"""The training job's configuration: frozen dataclasses, YAML loading, dotted overrides.
+
+A config is a YAML mapping whose keys are the fields below (nested sections as
+nested mappings). ``load_config(path, ["optim.lr=1e-3", "lora.rank=8"])`` reads
+the file, applies ``key=value`` overrides (the value parsed as YAML), and
+validates everything: an unknown key or a bad value raises a one-line
+``ValueError`` naming the dotted key and the fix.
+
+Data: give ``data.train`` / ``data.validation`` / ``data.test`` (local jsonl
+files of ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}`` rows), or
+leave them out and name a shipped ``data.task`` (``de_en`` or
+``wordnet_gloss``): its splits are then built once by :mod:`train.tasks` into
+``data.cache_dir`` (default ``$JAX_LORA_DATA`` or ``~/.cache/jax_lora/data``),
+in ``<cache_dir>/<task>-seed<data.split_seed>/``; see :func:`resolve_data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "SHIPPED_MODELS",
+    "DataConfig",
+    "LoraSection",
+    "QuantSection",
+    "OptimConfig",
+    "EvalConfig",
+    "TrainConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "resolve_data",
+    "resolve_model",
+    "lora_config",
+    "validate",
+]
+
+# Names of models that ship inside installed packages (resolved by resolve_model).
+SHIPPED_MODELS = ("smollm2-135m",)
+_METHODS = ("lora", "qlora", "full")
+_DTYPES = ("float32", "bfloat16")
+_SCHEDULES = ("cosine", "linear", "constant")
+_METRICS = ("bleu", "rouge")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  """Where the examples come from and how they are batched."""
+
+  # A shipped task built offline when the paths below are absent: "de_en" or "wordnet_gloss".
+  task: str | None = None
+  # jsonl files with {"text"} or {"prompt", "completion"} rows (relative to the working directory).
+  train: str | None = None
+  validation: str | None = None
+  test: str | None = None
+  # Where shipped tasks are built (None: $JAX_LORA_DATA or ~/.cache/jax_lora/data).
+  cache_dir: str | None = None
+  # Seed of the train/validation/test split of a shipped task (fixed so runs compare).
+  split_seed: int = 0
+  # Pack several examples into each seq_len row (True) or pad each to a length bucket (False).
+  packing: bool = False
+  # Padded lengths are multiples of this (fewer distinct shapes, fewer recompiles).
+  bucket: int = 16
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraSection:
+  """LoRA adapter settings (mapped onto ``jax_lora.LoraConfig``)."""
+
+  # Rank r of each update B·A.
+  rank: int = 16
+  # Scale numerator: updates are multiplied by alpha/rank (alpha/sqrt(rank) with rslora).
+  alpha: float = 32.0
+  # Regexes fullmatched against "/"-joined parameter paths; "all-linear" means every kernel.
+  targets: tuple[str, ...] = ("all-linear",)
+  # Dropout probability on the LoRA branch input.
+  dropout: float = 0.0
+  # rsLoRA scaling alpha/sqrt(rank).
+  use_rslora: bool = False
+  # Init of A: "kaiming", "gaussian" or "pissa".
+  init: str = "kaiming"
+  # Which biases train: "none", "all" or "lora_only".
+  bias: str = "none"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSection:
+  """Base-weight quantization used by method "qlora"."""
+
+  # Storage type of the frozen base kernels (only "nf4").
+  type: str = "nf4"
+  # Values per absmax block.
+  block_size: int = 64
+  # Quantize the absmax constants too (QLoRA's double quantization).
+  double_quant: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+  """optax AdamW with warmup, a decay schedule, clipping and gradient accumulation."""
+
+  # Optimizer (only "adamw").
+  name: str = "adamw"
+  # Peak learning rate.
+  lr: float = 5e-4
+  # Linear warmup steps from 0 to lr.
+  warmup_steps: int = 10
+  # Decay after warmup: "cosine" (to end_lr_ratio·lr), "linear" or "constant".
+  schedule: str = "cosine"
+  # Final learning rate as a fraction of lr.
+  end_lr_ratio: float = 0.0
+  # Decoupled weight decay.
+  weight_decay: float = 0.0
+  # Adam moment decay rates and epsilon.
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  # Clip the global gradient norm to this (0 disables clipping).
+  grad_clip: float = 1.0
+  # Micro-batches accumulated per optimizer step (optax.MultiSteps).
+  grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+  """Generation-based evaluation on the test split (before and after training)."""
+
+  # Tokens generated per test prompt (greedy).
+  max_new_tokens: int = 48
+  # How many test prompts to decode (0: none; they are the first num_test rows).
+  num_test: int = 150
+  # Scores of the decoded text: any of "bleu" (sacreBLEU) and "rouge" (ROUGE-1/2/L F).
+  metrics: tuple[str, ...] = ("bleu",)
+  # Prompts decoded together.
+  batch_size: int = 16
+  # Validation examples used for the validation loss (0: all).
+  num_validation: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """One fine-tuning run."""
+
+  # Local HF folder, a .gguf file, or a shipped model name ("smollm2-135m").
+  model: str = "smollm2-135m"
+  # Examples and batching.
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  # "lora", "qlora" (NF4 base + LoRA) or "full" (every parameter trains).
+  method: str = "lora"
+  lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+  quant: QuantSection = dataclasses.field(default_factory=QuantSection)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  # Sequences per micro-batch.
+  batch_size: int = 8
+  # Longest sequence in tokens (longer examples are truncated).
+  seq_len: int = 96
+  # Optimizer steps; 0 means derive from epochs.
+  steps: int = 0
+  # Passes over the training split (used when steps is 0).
+  epochs: float = 1.0
+  # Validation loss every this many steps (0: only at the end).
+  eval_every: int = 50
+  # Print the training loss every this many steps.
+  log_every: int = 10
+  # Seed of LoRA init, dropout and the data order.
+  seed: int = 0
+  # Run folder: metrics, adapter, checkpoints.
+  out_dir: str = "runs/default"
+  # Save a resumable checkpoint every this many steps (0: only at the end).
+  checkpoint_every: int = 0
+  # Compute dtype of the model: "float32" or "bfloat16".
+  dtype: str = "float32"
+  # Decode-and-score evaluation.
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  # Device mesh for data/model parallel runs (None: one device; reserved for scale-out).
+  mesh: dict | None = None
+
+
+_SECTIONS = {"data": DataConfig, "lora": LoraSection, "quant": QuantSection, "optim": OptimConfig, "eval": EvalConfig}
+
+
+def _all_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
+  keys = []
+  for f in dataclasses.fields(cls):
+    keys.append(prefix + f.name)
+    if prefix == "" and f.name in _SECTIONS:
+      keys.extend(_all_keys(_SECTIONS[f.name], f"{f.name}."))
+  return keys
+
+
+def _unknown(key: str) -> ValueError:
+  close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.6)
+  hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(_all_keys())}"
+  return ValueError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+  """Checks ``value`` against the field type ``tp`` (ints may stand for floats, lists for tuples)."""
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    inner = [a for a in args if a is not type(None)]
+    return _coerce(key, inner[0], value)
+  if tp is bool:
+    if isinstance(value, bool):
+      return value
+    raise ValueError(f"config key '{key}' must be true or false, got {value!r}")
+  if tp is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    raise ValueError(f"config key '{key}' must be an integer, got {value!r}")
+  if tp is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+      try:
+        return float(value)
+      except ValueError:
+        pass
+    raise ValueError(f"config key '{key}' must be a number, got {value!r}")
+  if tp is str:
+    if isinstance(value, str):
+      return value
+    raise ValueError(f"config key '{key}' must be a string, got {value!r}")
+  if origin is tuple:
+    if isinstance(value, str):
+      value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+      raise ValueError(f"config key '{key}' must be a list of strings, got {value!r}")
+    return tuple(value)
+  if tp is dict or origin is dict:
+    if isinstance(value, dict):
+      return value
+    raise ValueError(f"config key '{key}' must be a mapping, got {value!r}")
+  raise TypeError(f"unsupported field type {tp!r} for '{key}'")
+
+
+def _build(cls, raw: Any, prefix: str):
+  if raw is None:
+    raw = {}
+  if not isinstance(raw, dict):
+    raise ValueError(f"config key '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {raw!r}")
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for k, v in raw.items():
+    key = f"{prefix}{k}"
+    if k not in names:
+      raise _unknown(key)
+    if prefix == "" and k in _SECTIONS:
+      kwargs[k] = _build(_SECTIONS[k], v, f"{k}.")
+    else:
+      kwargs[k] = _coerce(key, hints[k], v)
+  return cls(**kwargs)
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+  _check(value in allowed, f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(cfg: TrainConfig, check_files: bool = True) -> TrainConfig:
+  """Checks values (ranges, choices, files); returns ``cfg`` or raises a one-line ValueError."""
+  from train import tasks
+
+  _choice("method", cfg.method, _METHODS)
+  _choice("dtype", cfg.dtype, _DTYPES)
+  if check_files and cfg.model not in SHIPPED_MODELS:
+    _check(os.path.exists(cfg.model),
+           f"config key 'model': {cfg.model!r} is neither a shipped model ({', '.join(SHIPPED_MODELS)}) "
+           "nor an existing HF folder or .gguf file; fix the path")
+  d = cfg.data
+  paths = {s: getattr(d, s) for s in ("train", "validation", "test")}
+  if d.task is not None:
+    _choice("data.task", d.task, tasks.TASKS)
+  else:
+    _check(paths["train"] is not None, "config key 'data.train' is missing; give a jsonl path or set data.task to de_en or wordnet_gloss")
+  if check_files:
+    for s, p in paths.items():
+      if p is not None:
+        _check(os.path.isfile(p), f"config key 'data.{s}': file {p!r} does not exist; fix the path or remove the key")
+  _check(d.bucket >= 1, f"config key 'data.bucket' must be >= 1, got {d.bucket}")
+  lo = cfg.lora
+  _check(lo.rank >= 1, f"config key 'lora.rank' must be a positive integer, got {lo.rank}")
+  _check(lo.alpha > 0 and math.isfinite(lo.alpha), f"config key 'lora.alpha' must be a positive number, got {lo.alpha}")
+  _check(0 <= lo.dropout < 1, f"config key 'lora.dropout' must be in [0, 1), got {lo.dropout}")
+  _check(len(lo.targets) > 0, "config key 'lora.targets' is empty; list path regexes or use [all-linear]")
+  _choice("lora.init", lo.init, ("kaiming", "gaussian", "pissa"))
+  _choice("lora.bias", lo.bias, ("none", "all", "lora_only"))
+  _choice("quant.type", cfg.quant.type, ("nf4",))
+  _check(cfg.quant.block_size >= 1, f"config key 'quant.block_size' must be a positive integer, got {cfg.quant.block_size}")
+  o = cfg.optim
+  _choice("optim.name", o.name, ("adamw",))
+  _check(o.lr > 0 and math.isfinite(o.lr), f"config key 'optim.lr' must be a positive number, got {o.lr}")
+  _check(o.warmup_steps >= 0, f"config key 'optim.warmup_steps' must be >= 0, got {o.warmup_steps}")
+  _choice("optim.schedule", o.schedule, _SCHEDULES)
+  _check(0 <= o.end_lr_ratio <= 1, f"config key 'optim.end_lr_ratio' must be in [0, 1], got {o.end_lr_ratio}")
+  _check(o.weight_decay >= 0, f"config key 'optim.weight_decay' must be >= 0, got {o.weight_decay}")
+  _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"config keys 'optim.b1'/'optim.b2' must be in [0, 1), got {o.b1}, {o.b2}")
+  _check(o.eps > 0, f"config key 'optim.eps' must be positive, got {o.eps}")
+  _check(o.grad_clip >= 0, f"config key 'optim.grad_clip' must be >= 0 (0 disables clipping), got {o.grad_clip}")
+  _check(o.grad_accum >= 1, f"config key 'optim.grad_accum' must be >= 1, got {o.grad_accum}")
+  _check(cfg.batch_size >= 1, f"config key 'batch_size' must be >= 1, got {cfg.batch_size}")
+  _check(cfg.seq_len >= 2, f"config key 'seq_len' must be >= 2, got {cfg.seq_len}")
+  _check(cfg.steps >= 0, f"config key 'steps' must be >= 0 (0: use epochs), got {cfg.steps}")
+  _check(cfg.steps > 0 or cfg.epochs > 0, f"config key 'epochs' must be > 0 when steps is 0, got {cfg.epochs}")
+  for k in ("eval_every", "checkpoint_every"):
+    _check(getattr(cfg, k) >= 0, f"config key '{k}' must be >= 0 (0: only at the end), got {getattr(cfg, k)}")
+  _check(cfg.log_every >= 1, f"config key 'log_every' must be >= 1, got {cfg.log_every}")
+  e = cfg.eval
+  _check(e.max_new_tokens >= 1, f"config key 'eval.max_new_tokens' must be >= 1, got {e.max_new_tokens}")
+  _check(e.num_test >= 0, f"config key 'eval.num_test' must be >= 0, got {e.num_test}")
+  _check(e.batch_size >= 1, f"config key 'eval.batch_size' must be >= 1, got {e.batch_size}")
+  _check(e.num_validation >= 0, f"config key 'eval.num_validation' must be >= 0, got {e.num_validation}")
+  for m in e.metrics:
+    _choice("eval.metrics", m, _METRICS)
+  return cfg
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+  parts = key.split(".")
+  node = tree
+  for i, p in enumerate(parts[:-1]):
+    sub = node.get(p)
+    if sub is None:
+      sub = node[p] = {}
+    if not isinstance(sub, dict):
+      raise ValueError(f"override '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
+    node = sub
+  node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+  """Returns a copy of ``raw`` with each ``dotted.key=value`` set (value parsed as YAML)."""
+  import copy
+
+  out = copy.deepcopy(raw)
+  known = set(_all_keys())
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+      raise ValueError(f"override {item!r} is not key=value; write e.g. optim.lr=1e-3")
+    if key not in known and not key.startswith("mesh."):
+      raise _unknown(key)
+    try:
+      value = yaml.safe_load(text)
+    except yaml.YAMLError:
+      raise ValueError(f"override {item!r}: the value is not valid YAML; quote it") from None
+    _set_dotted(out, key, value)
+  return out
+
+
+def config_from_dict(raw: dict | None, check_files: bool = True) -> TrainConfig:
+  """Builds and validates a :class:`TrainConfig` from a nested mapping."""
+  return validate(_build(TrainConfig, raw or {}, ""), check_files=check_files)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+  """The nested mapping of ``cfg`` (tuples as lists), fit for ``yaml.safe_dump``."""
+
+  def plain(x):
+    if isinstance(x, dict):
+      return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [plain(v) for v in x]
+    return x
+
+  return plain(dataclasses.asdict(cfg))
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> TrainConfig:
+  """Reads a YAML config (or the defaults when ``path`` is None) and applies overrides.
+
+  Args:
+    path: YAML file, or None for the built-in defaults.
+    overrides: ``"key=value"`` strings with dotted keys for nested sections,
+      e.g. ``["optim.lr=1e-3", "lora.targets=[q_proj]"]``; values are parsed as YAML.
+    check_files: verify that data files and the model path exist.
+
+  Returns:
+    The validated, frozen config.
+
+  Raises:
+    ValueError: unknown key (with the closest known key), bad value, missing file.
+  """
+  raw: Any = {}
+  if path is not None:
+    if not os.path.isfile(path):
+      raise ValueError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+      try:
+        raw = yaml.safe_load(f) or {}
+      except yaml.YAMLError as e:
+        raise ValueError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+      raise ValueError(f"config file {path!r} must hold a mapping of keys to values")
+  return config_from_dict(apply_overrides(raw, list(overrides)), check_files=check_files)
+
+
+def resolve_data(cfg: TrainConfig) -> dict[str, str | None]:
+  """Paths of the train/validation/test jsonl files, building a shipped task if needed.
+
+  Explicit ``data.train`` etc. win; absent ones are taken from the shipped
+  ``data.task`` (built once into ``data.cache_dir``).
+  """
+  d = cfg.data
+  paths = {"train": d.train, "validation": d.validation, "test": d.test}
+  if d.task is not None and any(p is None for p in paths.values()):
+    from train import tasks
+
+    built = tasks.build_task(d.task, d.cache_dir, d.split_seed)
+    paths = {k: v if v is not None else built[k] for k, v in paths.items()}
+  return paths
+
+
+def resolve_model(name: str) -> str:
+  """Local path for ``model``: a shipped name becomes its materialized HF folder."""
+  if name == "smollm2-135m":
+    from jax_lora.models.shipped import smollm2_hf_folder
+
+    return smollm2_hf_folder()
+  if not os.path.exists(name):
+    raise ValueError(f"model {name!r} is neither a shipped model ({', '.join(SHIPPED_MODELS)}) nor an existing path")
+  return name
+
+
+def _target_regex(t: str) -> str:
+  """"all-linear" → every kernel; a bare module name like "q_proj" → its kernel; else a path regex."""
+  import re
+
+  from jax_lora.config import ALL_LINEAR
+
+  if t == "all-linear":
+    return ALL_LINEAR
+  if re.fullmatch(r"\w+", t):
+    return rf"(.*/)?{t}/kernel"
+  return t
+
+
+def lora_config(cfg: TrainConfig):
+  """The ``jax_lora.LoraConfig`` of the run's ``lora`` section."""
+  from jax_lora.config import LoraConfig
+
+  lo = cfg.lora
+  return LoraConfig(rank=lo.rank, alpha=lo.alpha, targets=tuple(_target_regex(t) for t in lo.targets),
+                    dropout=lo.dropout, use_rslora=lo.use_rslora, init=lo.init, bias=lo.bias)
