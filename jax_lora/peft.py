@@ -164,7 +164,8 @@ def load_peft(folder: str, params: Any, model_type: str = "llama", dtype=jnp.flo
 
   Args:
     folder: PEFT adapter folder.
-    params: our (unscanned) parameter tree (``variables["params"]``), plain kernels.
+    params: our parameter tree (``variables["params"]``), plain kernels; with scanned
+      layers (``scan_layers=True``) every layer must carry the adapter with one rank/alpha.
     model_type: the base's Hugging Face ``model_type`` (key mapping).
     dtype: dtype of the loaded A and B.
 
@@ -178,21 +179,22 @@ def load_peft(folder: str, params: Any, model_type: str = "llama", dtype=jnp.flo
   adapter = read_peft(folder)
   mods = adapter_modules(adapter)
   leaves = _leaves(params)
-  paths, missing = {}, []
+  dropout = float(adapter.config.get("lora_dropout", 0.0) or 0.0)
+  paths, stacked, missing = {}, collections.defaultdict(dict), []
   for mod in mods:
     try:
       p = module_to_path(mod, model_type)
     except ValueError:
       p = None
-    if p is None or p not in leaves:
-      missing.append(mod)
-    else:
+    scanned = re.sub(r"/layers_(\d+)/", "/layers/", p, count=1) if p else None
+    if p is not None and p in leaves:
       paths[p] = mod
+    elif scanned is not None and scanned != p and scanned in leaves:
+      stacked[scanned][int(re.search(r"/layers_(\d+)/", p).group(1))] = mod
+    else:
+      missing.append(mod)
   if missing:
-    hint = ""
-    if any("/layers/" in p for p in leaves):
-      hint = " (the base has scanned layers: load it with scan_layers=False)"
-    raise ValueError(f"{folder}: adapter modules not in the base model: {_few(missing)}{hint}; "
+    raise ValueError(f"{folder}: adapter modules not in the base model: {_few(missing)}; "
                      f"wrong base model or model_type {model_type!r}?")
   bad = []
   for p, mod in paths.items():
@@ -201,16 +203,32 @@ def load_peft(folder: str, params: Any, model_type: str = "llama", dtype=jnp.flo
       raise ValueError(f"{p!r} already has a LoRA adapter; load adapters onto the base params")
     if len(w.shape) != 2 or tuple(w.shape) != (e["A"].shape[1], e["B"].shape[0]):
       bad.append(f"{mod}: base kernel {tuple(w.shape)} vs lora_A {e['A'].shape}, lora_B {e['B'].shape}")
+  new = {}
+  for p, per_layer in stacked.items():
+    w = leaves[p]
+    n = w.shape[0]
+    es = [mods[per_layer[i]] for i in sorted(per_layer)]
+    if sorted(per_layer) != list(range(n)) or len({(e["rank"], e["alpha"]) for e in es}) != 1:
+      raise ValueError(f"{folder}: the base has scanned layers at {p!r}, so every one of its {n} layers needs the "
+                       "adapter with one rank/alpha; load the base with scan_layers=False instead")
+    if len(w.shape) != 3 or any(tuple(w.shape[1:]) != (e["A"].shape[1], e["B"].shape[0]) for e in es):
+      bad.append(f"{p}: base kernel {tuple(w.shape)} vs lora_A {es[0]['A'].shape}, lora_B {es[0]['B'].shape}")
+      continue
+    a = np.stack([e["A"].T for e in es])
+    b = np.stack([e["B"].T for e in es])
+    new[p] = (a, b, es[0], "bio")
   if bad:
     raise ValueError(f"{folder}: adapter shapes do not fit the base: {'; '.join(bad[:3])}")
+  for p, mod in paths.items():
+    e = mods[mod]
+    new[p] = (e["A"].T, e["B"].T, e, "io")
 
   def f(path, w):
-    if path not in paths:
+    if path not in new:
       return w
-    e = mods[paths[path]]
-    return LoraWeight(w=w, a=jnp.asarray(e["A"].T, dtype), b=jnp.asarray(e["B"].T, dtype), alpha=e["alpha"],
-                      rank=e["rank"], layout="io", path=path, rslora=e["rslora"],
-                      dropout=float(adapter.config.get("lora_dropout", 0.0) or 0.0))
+    a, b, e, lay = new[path]
+    return LoraWeight(w=w, a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), alpha=e["alpha"], rank=e["rank"],
+                      layout=lay, path=path, rslora=e["rslora"], dropout=dropout)
 
   return _map(f, params)
 

@@ -127,6 +127,32 @@ def test_import_matches_peft_logits(which, request):
   np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
 
 
+def test_scanned_layers_import_and_export(tmp_path):
+  base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+  tiny_model(base, "llama")
+  pm = peft_adapter(base, adapter, "llama", alpha_pattern={"down_proj": 3.0})
+  model, variables, config = load_hf(base, scan_layers=True)
+  adapted = load_peft(adapter, variables["params"], config.model_type)
+  assert jl.lora_weights(adapted)["model/layers/mlp/down_proj/kernel"].layout == "bio"
+  ids = _ids(seed=2)
+  with torch.no_grad():
+    ref = pm(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(_logits(model, adapted, ids), ref, atol=2e-5, rtol=1e-5)
+  out = str(tmp_path / "re")
+  save_peft(out, adapted, config.model_type)
+  from safetensors.numpy import load_file
+  a, b = load_file(os.path.join(adapter, "adapter_model.safetensors")), load_file(os.path.join(out, "adapter_model.safetensors"))
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  meta = json.load(open(os.path.join(out, "adapter_config.json")))
+  assert meta["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+  assert set(meta["alpha_pattern"].values()) == {3.0} and meta["lora_alpha"] == 8.0
+  # an adapter on only some layers cannot be stacked: clear error
+  partial = str(tmp_path / "partial")
+  peft_adapter(base, partial, "llama", layers_to_transform=[0])
+  with pytest.raises(ValueError, match="scan_layers=False"):
+    load_peft(partial, variables["params"], config.model_type)
+
+
 def test_import_reads_patterns(llama):
   base, adapter, _ = llama
   _, variables, config = load_hf(base)
