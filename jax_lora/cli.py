@@ -8,9 +8,11 @@ atomically (a temporary folder renamed into place).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -147,6 +149,19 @@ def _read_yaml_lora(path: str | None):
   section = doc.get("lora", {}) if isinstance(doc, dict) else None
   if not isinstance(section, dict):
     raise CliError(f"{path}: the 'lora' section must be a mapping of LoraConfig fields")
+  try:  # a training config: read its lora section exactly as `jax-lora train` does
+    import types
+
+    from train.config import LoraSection, lora_config
+  except ImportError:
+    pass
+  else:
+    if "targets" in section and isinstance(section["targets"], str):
+      section = {**section, "targets": [section["targets"]]}
+    section = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
+    names = {f.name for f in dataclasses.fields(LoraSection)}
+    if set(section) <= names:
+      return lora_config(types.SimpleNamespace(lora=LoraSection(**section)))
   kw = dict(section)
   # PEFT spellings are accepted too
   if "r" in kw:
@@ -162,11 +177,9 @@ def _read_yaml_lora(path: str | None):
         r"(.*/)?(" + "|".join(names) + r")/kernel",)
   if isinstance(kw.get("targets"), str):
     kw["targets"] = (kw["targets"],)
-  if kw.get("targets") in (("all-linear",), ("all_linear",), ["all-linear"], ["all_linear"]):
-    kw["targets"] = (jl.ALL_LINEAR,)
-  if "targets" in kw:
-    kw["targets"] = tuple(kw["targets"])
-  import dataclasses
+  if "targets" in kw:  # "all-linear" and bare module names as in train configs
+    kw["targets"] = tuple(jl.ALL_LINEAR if t in ("all-linear", "all_linear") else
+                          rf"(.*/)?{t}/kernel" if re.fullmatch(r"\w+", t) else t for t in kw["targets"])
   known = {f.name for f in dataclasses.fields(jl.LoraConfig)}
   unknown = sorted(set(kw) - known)
   if unknown:

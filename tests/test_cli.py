@@ -100,12 +100,12 @@ def test_merge_bfloat16(folders, capsys, tmp_path):
 def test_inspect_counts_match_peft(folders, capsys, tmp_path):
   base, _, _ = folders["llama"]
   cfg = tmp_path / "c.yaml"
-  cfg.write_text("lora:\n  rank: 4\n  alpha: 8\n  targets: ['.*/(q_proj|v_proj)/kernel']\n  rank_pattern: {'.*layers_1/self_attn/q_proj/kernel': 2}\n")
+  cfg.write_text("lora:\n  rank: 4\n  alpha: 8\n  targets: [q_proj, '.*/v_proj/kernel']\n")
   rc, out, err = run(capsys, "inspect", "--model", base, "--config", str(cfg))
   assert rc == 0, err
   pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
                            peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                           rank_pattern={"layers.1.self_attn.q_proj": 2}))
+                                           ))
   trainable, total = pm.get_nb_trainable_parameters()
   assert f"trainable params: {trainable:,} || all params: {total:,}" in out
   assert out.count("q_proj/kernel") == 2 and out.count("v_proj/kernel") == 2
