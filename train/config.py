@@ -12,6 +12,7 @@ leave them out and name a shipped ``data.task`` (``de_en`` or
 ``wordnet_gloss``): its splits are then built once by :mod:`train.tasks` into
 ``data.cache_dir`` (default ``$JAX_LORA_DATA`` or ``~/.cache/jax_lora/data``),
 in ``<cache_dir>/<task>-seed<data.split_seed>/``; see :func:`resolve_data`.
+With ``data.train`` given, ``data.task`` is ignored.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ _METRICS = ("bleu", "rouge")
 class DataConfig:
   """Where the examples come from and how they are batched."""
 
-  # A shipped task built offline when the paths below are absent: "de_en" or "wordnet_gloss".
-  task: str | None = None
+  # A shipped task ("de_en" or "wordnet_gloss", built offline) used when data.train is absent.
+  task: str | None = "de_en"
   # jsonl files with {"text"} or {"prompt", "completion"} rows (relative to the working directory).
   train: str | None = None
   validation: str | None = None
@@ -288,7 +289,7 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> TrainConfig:
   paths = {s: getattr(d, s) for s in ("train", "validation", "test")}
   if d.task is not None:
     _choice("data.task", d.task, tasks.TASKS)
-  else:
+  if d.train is None and d.task is None:
     _check(paths["train"] is not None, "config key 'data.train' is missing; give a jsonl path or set data.task to de_en or wordnet_gloss")
   if check_files:
     for s, p in paths.items():
@@ -416,12 +417,13 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), c
 def resolve_data(cfg: TrainConfig) -> dict[str, str | None]:
   """Paths of the train/validation/test jsonl files, building a shipped task if needed.
 
-  Explicit ``data.train`` etc. win; absent ones are taken from the shipped
-  ``data.task`` (built once into ``data.cache_dir``).
+  With ``data.train`` given, the files are exactly ``data.train``/``validation``/``test``
+  (the latter two may be None). Without it, all three come from the shipped
+  ``data.task`` (built once into ``data.cache_dir``) unless given explicitly.
   """
   d = cfg.data
   paths = {"train": d.train, "validation": d.validation, "test": d.test}
-  if d.task is not None and any(p is None for p in paths.values()):
+  if d.train is None:
     from train import tasks
 
     built = tasks.build_task(d.task, d.cache_dir, d.split_seed)
