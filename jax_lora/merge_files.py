@@ -20,6 +20,9 @@ from jax_lora.peft import _few, adapter_modules, atomic_folder, read_peft
 
 __all__ = ["read_model_tensors", "merged_tensors", "merge_adapter_files", "copy_side_files", "SIDE_FILES"]
 
+# model_types whose adapted linears are transformers Conv1D modules (weights stored (in, out)).
+CONV1D_MODEL_TYPES = ("gpt2",)
+
 # Files of a model folder that travel with the weights (config, tokenizer, generation settings).
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
@@ -62,15 +65,19 @@ def _base_key(module: str, keys: set[str]) -> str | None:
   return cands[0] if len(cands) == 1 else None
 
 
-def merged_tensors(base: dict[str, Any], adapter_folder: str) -> dict[str, Any]:
+def merged_tensors(base: dict[str, Any], adapter_folder: str, fan_in_fan_out: bool | None = None) -> dict[str, Any]:
   """Base tensors with the adapter folded in (float32 math, stored back in each weight's dtype).
+
+  ``fan_in_fan_out`` (weights stored (in, out), GPT-2's Conv1D) defaults to the
+  adapter config's value; PEFT forces it on for Conv1D bases, so pass True for them.
 
   Raises:
     ValueError: adapter modules with no ``<module>.weight`` in the base, or shapes that do not fit.
   """
   adapter = read_peft(adapter_folder)
   mods = adapter_modules(adapter)
-  fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False))
+  if fan_in_fan_out is None:
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False))
   keys = set(base)
   found, missing, bad = {}, [], []
   for mod, e in mods.items():
@@ -147,10 +154,14 @@ def merge_adapter_files(base: str, adapter: str, out: str, dtype: str | None = N
   """
   if not os.path.isfile(os.path.join(base, "config.json")):
     raise ValueError(f"{base} has no config.json; pass a Hugging Face model folder as --base")
+  with open(os.path.join(base, "config.json")) as f:
+    model_type = json.load(f).get("model_type")
   tensors = read_model_tensors(base)
   if dtype == "float32":  # widen before merging so bf16 bases merge in float32
     tensors = _cast(tensors, dtype)
-  tensors = _cast(merged_tensors(tensors, adapter), dtype)
+  # GPT-2's Conv1D stores (in, out): PEFT merges transposed there whatever the adapter config says
+  conv1d = True if model_type in CONV1D_MODEL_TYPES else None
+  tensors = _cast(merged_tensors(tensors, adapter, conv1d), dtype)
   with atomic_folder(out) as tmp:
     copy_side_files(base, tmp, dtype)
     save_tensors(os.path.join(tmp, "model.safetensors"), tensors)

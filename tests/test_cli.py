@@ -166,3 +166,20 @@ def test_console_script(folders, tmp_path):
   bad = subprocess.run([exe, "merge", "--base", base, "--adapter", folders["llama"][1], "--out", out + "2"],
                        capture_output=True, text=True, env=env, timeout=300)
   assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_merge_gpt2_adapter_without_fan_in_fan_out_flag(folders, capsys, tmp_path):
+  """PEFT forces fan_in_fan_out for Conv1D whatever the config says; so does merge."""
+  base, adapter, _ = folders["gpt2"]
+  edited = tmp_path / "adapter"
+  shutil.copytree(adapter, edited)
+  cfg = json.loads((edited / "adapter_config.json").read_text())
+  cfg["fan_in_fan_out"] = False
+  (edited / "adapter_config.json").write_text(json.dumps(cfg))
+  outs = []
+  for i, a in enumerate([adapter, str(edited)]):
+    out = str(tmp_path / f"m{i}")
+    assert run(capsys, "merge", "--base", base, "--adapter", a, "--out", out)[0] == 0
+    outs.append(transformers.AutoModelForCausalLM.from_pretrained(out).state_dict())
+  for k in outs[0]:
+    assert torch.equal(outs[0][k], outs[1][k]), k
