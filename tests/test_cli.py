@@ -183,3 +183,30 @@ def test_merge_gpt2_adapter_without_fan_in_fan_out_flag(folders, capsys, tmp_pat
     outs.append(transformers.AutoModelForCausalLM.from_pretrained(out).state_dict())
   for k in outs[0]:
     assert torch.equal(outs[0][k], outs[1][k]), k
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantize_matches_bitsandbytes(folders, capsys, tmp_path, double_quant):
+  pytest.importorskip("jax_lora.bnb")
+  bnbf = pytest.importorskip("bitsandbytes.functional")
+  from safetensors.torch import load_file
+  base = folders["llama"][0]
+  out = tmp_path / "q"
+  rc, _, err = run(capsys, "quantize", "--model", base, "--out", str(out), *(["--double-quant"] if double_quant else []))
+  assert rc == 0, err
+  got, orig = load_file(str(out / "model.safetensors")), load_file(os.path.join(base, "model.safetensors"))
+  linear = [k for k in orig if k.endswith("proj.weight")]
+  assert len(linear) == 14
+  for k in orig:
+    if k not in linear:
+      assert torch.equal(got[k], orig[k]), k  # other tensors as they were
+      continue
+    assert got[k].dtype == torch.uint8
+    qs = bnbf.QuantState.from_dict({kk[len(k) + 1:]: v for kk, v in got.items() if kk.startswith(k + ".")}, "cpu")
+    assert (qs.blocksize, qs.quant_type, qs.nested) == (64, "nf4", double_quant)
+    ours = bnbf.dequantize_4bit(got[k], qs)
+    ref_packed, ref_qs = bnbf.quantize_4bit(orig[k], blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    ref = bnbf.dequantize_4bit(ref_packed, ref_qs)
+    assert ours.shape == orig[k].shape
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-6, err_msg=k)
+  assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
