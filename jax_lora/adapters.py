@@ -124,7 +124,13 @@ class AdapterBank:
     attach(self.base, adapter)
     return dataclasses.replace(self, adapters={**self.adapters, name: dict(adapter)})
 
+  def add_peft(self, name: str, folder: str, model_type: str = "llama") -> "AdapterBank":
+    """A bank with the PEFT adapter folder ``folder`` added under ``name``."""
+    from jax_lora.peft import load_peft
+    return self.add(name, extract(load_peft(folder, self.base, model_type)))
+
   def remove(self, name: str) -> "AdapterBank":
+    """A bank without adapter ``name``."""
     self._get(name)
     return dataclasses.replace(self, adapters={k: v for k, v in self.adapters.items() if k != name})
 

@@ -255,7 +255,7 @@ def test_switch_and_weighted_combination(llama, tmp_path):
   params = variables["params"]
   bank = jla.AdapterBank.from_base(params)
   bank = bank.add("one", jla.extract(load_peft(adapter1, params, config.model_type)))
-  bank = bank.add("two", jla.extract(load_peft(adapter2, params, config.model_type)))
+  bank = bank.add_peft("two", adapter2, config.model_type)
   ids = _ids(seed=5)
   # switching reuses the same base arrays (no reload) and matches a fresh load
   p2 = bank.use("two")
