@@ -138,9 +138,8 @@ def de_en_rows(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
 
 def _gloss(text: str) -> str:
   """The definition part of a WordNet gloss (quoted examples after ``;`` dropped)."""
-  parts = [p.strip() for p in text.split(";")]
-  kept = [p for p in parts if p and not p.startswith('"')]
-  return "; ".join(kept).strip()
+  definition = text.split('"', 1)[0]
+  return _SPACE.sub(" ", definition).strip(" ;:")
 
 
 def wordnet_entries(wordnet_dir: str = WORDNET_DIR) -> list[tuple[str, str, str]]:
