@@ -138,6 +138,15 @@ def test_save_hf_loads_in_transformers(tiny, name, tmp_path):
   np.testing.assert_allclose(_torch_logits(back, ids, mask)[valid], _torch_logits(m, ids, mask)[valid], atol=1e-5)
 
 
+def test_sharded_checkpoint_loads(tiny, tmp_path):
+  m, folder = tiny["llama"]
+  m.save_pretrained(str(tmp_path), max_shard_size="40KB")
+  assert os.path.exists(tmp_path / "model.safetensors.index.json")
+  assert len([n for n in os.listdir(tmp_path) if n.endswith(".safetensors")]) > 1
+  _, params, _ = hf.load_hf(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, params, hf.load_hf(folder)[1])
+
+
 def test_scan_layers_same_logits_and_stacked_paths(tiny):
   model, params, config = hf.load_hf(tiny["llama"][1])
   smodel, sparams, sconfig = hf.load_hf(tiny["llama"][1], scan_layers=True)
@@ -149,7 +158,14 @@ def test_scan_layers_same_logits_and_stacked_paths(tiny):
   # Round trip to HF keys unstacks the layers.
   assert set(hf.hf_state_from_params(sparams, sconfig)) == set(hf.hf_state_from_params(params, config))
   out = generate(smodel, sparams, ids, mask, max_new_tokens=4)
-  np.testing.assert_array_equal(out, generate(model, params, ids, mask, max_new_tokens=4))
+  np.testing.assert_array_equal(out, _greedy_no_cache(tiny["llama"][0], ids, mask, 4))
+  # LoRA on the stacked kernels (layouts from the probe: 'bio'), B=0: same tokens.
+  layouts = jl.linen.infer_layouts(smodel, sparams["params"], jnp.asarray(ids))
+  assert layouts["model/layers/self_attn/q_proj/kernel"] == "bio"
+  cfg = jl.LoraConfig(rank=2, alpha=4.0, targets=(r".*/v_proj/kernel",), layouts=layouts)
+  adapted = jl.init_lora(sparams["params"], cfg, jax.random.key(1))
+  lora_out = generate(smodel, adapted, ids, mask, max_new_tokens=4, apply_fn=functools.partial(jl.linen.apply, smodel))
+  np.testing.assert_array_equal(lora_out, out)
 
 
 def _greedy_no_cache(m, ids, mask, n):

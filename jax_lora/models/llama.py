@@ -43,6 +43,7 @@ __all__ = [
     "positions_from_mask",
 ]
 
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _NEG = -1e30  # finite "minus infinity": fully masked rows give uniform weights, not NaN
 
 
@@ -112,7 +113,7 @@ class LlamaConfig:
   def to_hf_config(self) -> dict[str, Any]:
     """A Hugging Face ``config.json`` dict for this architecture."""
     out = {
-        "architectures": ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [_ARCHITECTURES.get(self.model_type, "LlamaForCausalLM")],
         "model_type": self.model_type,
         "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size,
@@ -129,7 +130,9 @@ class LlamaConfig:
         "tie_word_embeddings": self.tie_word_embeddings,
         "mlp_bias": self.mlp_bias,
     }
-    if self.model_type != "qwen2":
+    if self.model_type == "qwen2":
+      out["use_sliding_window"] = False
+    else:
       if self.qkv_bias != self.o_bias:
         raise ValueError("Llama's attention_bias covers q, k, v and o together; use model_type='qwen2' for q/k/v only")
       out["attention_bias"] = self.qkv_bias
