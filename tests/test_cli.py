@@ -210,3 +210,10 @@ def test_quantize_matches_bitsandbytes(folders, capsys, tmp_path, double_quant):
     assert ours.shape == orig[k].shape
     np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-6, err_msg=k)
   assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+  # transformers + bitsandbytes load our folder on CPU and agree with their own NF4 quantization
+  ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+  ours_model = transformers.AutoModelForCausalLM.from_pretrained(str(out), device_map="cpu")
+  ref_model = transformers.AutoModelForCausalLM.from_pretrained(base, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(
+      load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32))
+  with torch.no_grad():
+    np.testing.assert_allclose(ours_model(ids).logits.numpy(), ref_model(ids).logits.numpy(), atol=1e-5)
