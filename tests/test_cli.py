@@ -217,3 +217,16 @@ def test_quantize_matches_bitsandbytes(folders, capsys, tmp_path, double_quant):
       load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32))
   with torch.no_grad():
     np.testing.assert_allclose(ours_model(ids).logits.numpy(), ref_model(ids).logits.numpy(), atol=1e-5)
+
+
+def test_train_dispatches_to_train_cli(monkeypatch, capsys):
+  import types
+  seen = []
+  fake = types.ModuleType("train.cli")
+  fake.main = lambda argv: seen.append(argv) or 3
+  monkeypatch.setitem(sys.modules, "train.cli", fake)
+  assert main(["train", "cfg.yaml", "optim.lr=1e-3", "--dry-run"]) == 3
+  assert seen == [["cfg.yaml", "optim.lr=1e-3", "--dry-run"]]
+  monkeypatch.setitem(sys.modules, "train.cli", None)  # import fails
+  rc, _, err = run(capsys, "train", "x.yaml")
+  assert rc == 1 and "train" in err and len(err.strip().splitlines()) == 1
