@@ -1,0 +1,350 @@
+"""The training loop: LoRA / full fine-tuning of a causal LM with optax, resumable.
+
+Only the trainable half of ``jax_lora.split`` is differentiated (LoRA A/B; the
+base gets no gradient and no optimizer state). AdamW with warmup and a
+cosine/linear/constant decay, global-norm clipping, and gradient accumulation
+through ``optax.MultiSteps``. Every ``micro-step`` reads ``Batcher.batch_at``,
+so a run resumed from a checkpoint sees the same batches as an uninterrupted one.
+
+Files in ``out_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl``
+(one JSON object per log/eval event), ``checkpoints/`` (orbax, resumable),
+``adapter/`` (PEFT LoRA folder) or ``model/`` (full fine-tuning, HF folder),
+``results.json`` (validation loss and test scores before and after).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jax_lora as jl
+from train import data as td
+from train import metrics as tm
+from train.config import OptimConfig, TrainConfig, config_to_dict, lora_config, resolve_data, resolve_model
+
+__all__ = [
+    "lr_schedule",
+    "build_optimizer",
+    "next_token_loss",
+    "make_loss_fn",
+    "make_train_step",
+    "load_model",
+    "generate_texts",
+    "train",
+]
+
+
+def lr_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to ``o.lr`` over ``o.warmup_steps``, then the decay ``o.schedule``."""
+  warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+  decay = max(total_steps - warmup, 1)
+  end = o.lr * o.end_lr_ratio
+  if o.schedule == "cosine":
+    after = optax.cosine_decay_schedule(o.lr, decay, alpha=o.end_lr_ratio)
+  elif o.schedule == "linear":
+    after = optax.linear_schedule(o.lr, end, decay)
+  else:
+    after = optax.constant_schedule(o.lr)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), after], [warmup])
+
+
+def build_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  """Clip → AdamW(schedule), wrapped in ``optax.MultiSteps`` when ``o.grad_accum > 1``.
+
+  ``total_steps`` counts optimizer updates; with accumulation each update
+  takes ``o.grad_accum`` micro-batches (the schedule advances per update).
+  """
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  parts.append(optax.adamw(lr_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+  tx = optax.chain(*parts)
+  return optax.MultiSteps(tx, every_k_schedule=o.grad_accum) if o.grad_accum > 1 else tx
+
+
+def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy over target tokens, and their count.
+
+  Token ``t`` (with ``loss_mask[t] == 1``) is predicted from ``logits[t - 1]``.
+  """
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+  w = loss_mask[:, 1:].astype(jnp.float32)
+  return jnp.sum(nll * w), jnp.sum(w)
+
+
+def make_loss_fn(model: Any, method: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """``loss(trainable, frozen, batch, rng) -> (sum_nll, count)`` for ``method``.
+
+  LoRA: ``jax_lora.linen.apply`` on ``combine(trainable, frozen)`` (LoRA kept
+  unmerged, dropout from ``rng``). Full: ``model.apply`` on the params.
+  """
+
+  def loss(trainable, frozen, batch, rng):
+    if method == "full":
+      logits, _ = model.apply({"params": trainable}, batch["input_ids"], batch["attention_mask"])
+    else:
+      adapted = jl.combine(trainable, frozen)
+      logits, _ = jl.linen.apply(model, adapted, batch["input_ids"], batch["attention_mask"], dropout_rng=rng)
+    return next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
+
+  return loss
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+  """Jitted ``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss)``.
+
+  The gradient is of the token-mean loss of the batch, taken w.r.t. ``trainable`` only.
+  """
+
+  def mean_loss(trainable, frozen, batch, rng):
+    s, n = loss_fn(trainable, frozen, batch, rng)
+    return s / jnp.maximum(n, 1.0)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(trainable, opt_state, frozen, batch, rng):
+    loss, grads = jax.value_and_grad(mean_loss)(trainable, frozen, batch, rng)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  return step
+
+
+def load_model(name: str, dtype: str):
+  """``(model, params, model_config, tokenizer, folder)`` of an HF folder, .gguf file or shipped name."""
+  from jax_lora.models.gguf import load_gguf, tokenizer_from_gguf
+  from jax_lora.models.hf import load_hf
+
+  path = resolve_model(name)
+  jdtype = jnp.dtype(dtype)
+  if path.endswith(".gguf"):
+    model, params, config = load_gguf(path, dtype=jdtype)
+    tok = tokenizer_from_gguf(path, cache_dir=os.path.splitext(path)[0] + "-tokenizer")
+  else:
+    from transformers import AutoTokenizer
+
+    model, params, config = load_hf(path, dtype=jdtype)
+    tok = AutoTokenizer.from_pretrained(path)
+  if isinstance(params, dict) and set(params) == {"params"}:
+    params = params["params"]
+  return model, params, config, tok, path
+
+
+def generate_texts(model: Any, gen_params: Any, apply_fn: Callable | None, tokenizer: Any, prompts: Sequence[str],
+                   *, max_new_tokens: int, batch_size: int, bucket: int = 16) -> list[str]:
+  """Greedy continuations of ``prompts``, cut at EOS / the first newline.
+
+  Prompts are decoded in batches of similar length (fewer padded shapes).
+  """
+  from jax_lora.models.generate import generate
+
+  eos = tokenizer.eos_token_id
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+  order = np.argsort([len(p) for p in prompts], kind="stable")
+  out: list[str] = [""] * len(prompts)
+  for i in range(0, len(order), batch_size):
+    idx = list(order[i:i + batch_size])
+    chunk = [prompts[j] for j in idx]
+    chunk += [chunk[0]] * (batch_size - len(chunk))  # fixed batch shape
+    ids, mask = td.encode_prompts(tokenizer, chunk, pad_id=pad, bucket=bucket)
+    toks = generate(model, gen_params, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                    pad_token_id=pad, apply_fn=apply_fn)
+    for j, text in zip(idx, tm.decode_generated(tokenizer, toks, eos)):
+      out[j] = text
+  return out
+
+
+def _validation_loss(loss_fn: Callable, trainable, frozen, batches) -> float:
+  fn = _validation_loss.cache.get(loss_fn)
+  if fn is None:
+    fn = _validation_loss.cache[loss_fn] = jax.jit(lambda t, f, b: loss_fn(t, f, b, None))
+  tot = cnt = 0.0
+  for b in batches:
+    s, n = fn(trainable, frozen, b)
+    tot, cnt = tot + float(s), cnt + float(n)
+  return tot / max(cnt, 1.0)
+
+
+_validation_loss.cache = {}
+
+
+def _log(out_dir: str, record: dict) -> None:
+  print(json.dumps(record), flush=True)
+  with open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _checkpointer(out_dir: str):
+  import orbax.checkpoint as ocp
+
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+
+def _leaves_dict(tree) -> dict[str, Any]:
+  return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def _save(mngr, step: int, trainable, opt_state) -> None:
+  import orbax.checkpoint as ocp
+
+  state = {"trainable": _leaves_dict(trainable), "opt_state": _leaves_dict(opt_state)}
+  mngr.save(step, args=ocp.args.StandardSave(state))
+  mngr.wait_until_finished()
+
+
+def _restore(mngr, trainable, opt_state):
+  """``(step, trainable, opt_state)`` from the latest checkpoint, or ``(0, ...)`` unchanged."""
+  import orbax.checkpoint as ocp
+
+  step = mngr.latest_step()
+  if step is None:
+    return 0, trainable, opt_state
+  target = {"trainable": _leaves_dict(trainable), "opt_state": _leaves_dict(opt_state)}
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  got = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  rebuild = lambda tree, d: jax.tree.unflatten(jax.tree.structure(tree), [d[k] for k in sorted(d)])
+  return step, rebuild(trainable, got["trainable"]), rebuild(opt_state, got["opt_state"])
+
+
+def _prepare(cfg: TrainConfig, model, params):
+  """``(trainable, frozen, gen_params, gen_apply)`` for the method."""
+  if cfg.method == "qlora":
+    raise ValueError("method 'qlora' needs NF4 base quantization, which this build does not have yet; use method=lora")
+  if cfg.method == "full":
+    return params, None, {"params": params}, None
+  adapted = jl.init_lora(params, lora_config(cfg), jax.random.key(cfg.seed))
+  trainable, frozen = jl.split(adapted, bias=cfg.lora.bias)
+  return trainable, frozen, None, functools.partial(jl.linen.apply, model)
+
+
+def _test_scores(cfg, model, gen_params, gen_apply, tok, test_rows) -> tuple[dict, list[str]]:
+  prompts = [r["prompt"] for r in test_rows]
+  refs = [r["completion"].strip() for r in test_rows]
+  hyps = generate_texts(model, gen_params, gen_apply, tok, prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                        batch_size=cfg.eval.batch_size, bucket=cfg.data.bucket)
+  return tm.score(cfg.eval.metrics, hyps, refs), hyps
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+  """Runs one fine-tuning job (resuming from ``out_dir/checkpoints`` if present).
+
+  Returns:
+    The results dict also written to ``out_dir/results.json``.
+  """
+  import yaml
+
+  os.makedirs(cfg.out_dir, exist_ok=True)
+  with open(os.path.join(cfg.out_dir, "config.yaml"), "w", encoding="utf-8") as f:
+    yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+  t0 = time.perf_counter()
+  paths = resolve_data(cfg)
+  model, params, mcfg, tok, model_path = load_model(cfg.model, cfg.dtype)
+  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  train_ex = td.tokenize_rows(tok, td.load_rows(paths["train"]), cfg.seq_len)
+  batcher = td.Batcher(train_ex, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad, seed=cfg.seed,
+                       packing=cfg.data.packing, bucket=cfg.data.bucket)
+  val_batches = []
+  if paths["validation"]:
+    val_rows = td.load_rows(paths["validation"])
+    if cfg.eval.num_validation:
+      val_rows = val_rows[: cfg.eval.num_validation]
+    val_batches = td.eval_batches(td.tokenize_rows(tok, val_rows, cfg.seq_len), batch_size=cfg.batch_size,
+                                  seq_len=cfg.seq_len, pad_id=pad, bucket=cfg.data.bucket)
+  test_rows = []
+  if paths["test"] and cfg.eval.num_test:
+    test_rows = [r for r in td.load_rows(paths["test"]) if "prompt" in r][: cfg.eval.num_test]
+  steps = batcher.num_steps(cfg.steps, cfg.epochs / cfg.optim.grad_accum)
+  accum = cfg.optim.grad_accum
+
+  trainable, frozen, gen_params, gen_apply = _prepare(cfg, model, params)
+  del params
+  tx = build_optimizer(cfg.optim, steps)
+  opt_state = tx.init(trainable)
+  loss_fn = make_loss_fn(model, cfg.method)
+  step_fn = make_train_step(loss_fn, tx)
+  mngr = _checkpointer(cfg.out_dir)
+  start, trainable, opt_state = _restore(mngr, trainable, opt_state)
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+  _log(cfg.out_dir, {"event": "setup", "model": model_path, "method": cfg.method, "train_examples": len(train_ex),
+                     "steps": steps, "trainable_params": n_train, "resumed_from": start,
+                     "setup_s": round(time.perf_counter() - t0, 1)})
+
+  def current_gen_params():
+    return {"params": trainable} if cfg.method == "full" else jl.combine(trainable, frozen)
+
+  results: dict[str, Any] = {"steps": steps, "trainable_params": n_train}
+  before_path = os.path.join(cfg.out_dir, "before.json")
+  if start == 0 or not os.path.exists(before_path):
+    before: dict[str, Any] = {}
+    if val_batches:
+      before["validation_loss"] = _validation_loss(loss_fn, trainable, frozen, val_batches)
+    if test_rows:
+      t = time.perf_counter()
+      scores, hyps = _test_scores(cfg, model, current_gen_params(), gen_apply, tok, test_rows)
+      before.update(scores, eval_s=round(time.perf_counter() - t, 1), samples=hyps[:5])
+    with open(before_path, "w", encoding="utf-8") as f:
+      json.dump(before, f, indent=1)
+    _log(cfg.out_dir, {"event": "before", **{k: v for k, v in before.items() if k != "samples"}})
+  with open(before_path, encoding="utf-8") as f:
+    results["before"] = json.load(f)
+
+  base_key = jax.random.key(cfg.seed + 1)
+  t_train, losses = time.perf_counter(), []
+  for step in range(start, steps):
+    for k in range(accum):
+      micro = step * accum + k
+      batch = {n: jnp.asarray(v) for n, v in batcher.batch_at(micro).items() if n != "segment_ids"}
+      trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(base_key, micro))
+      losses.append(loss)
+    done = step + 1
+    if done % cfg.log_every == 0 or done == steps:
+      mean = float(np.mean([float(x) for x in losses]))
+      losses = []
+      _log(cfg.out_dir, {"event": "train", "step": done, "loss": round(mean, 4),
+                         "lr": float(lr_schedule(cfg.optim, steps)(done - 1)),
+                         "elapsed_s": round(time.perf_counter() - t_train, 1)})
+    if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == steps):
+      _log(cfg.out_dir, {"event": "validation", "step": done,
+                         "validation_loss": round(_validation_loss(loss_fn, trainable, frozen, val_batches), 4)})
+    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
+      _save(mngr, done, trainable, opt_state)
+  train_s = time.perf_counter() - t_train
+  after: dict[str, Any] = {}
+  if val_batches:
+    after["validation_loss"] = _validation_loss(loss_fn, trainable, frozen, val_batches)
+  if test_rows:
+    t = time.perf_counter()
+    scores, hyps = _test_scores(cfg, model, current_gen_params(), gen_apply, tok, test_rows)
+    after.update(scores, eval_s=round(time.perf_counter() - t, 1), samples=hyps[:5])
+  results.update(after=after, train_s=round(train_s, 1), steps_run=steps - start,
+                 s_per_step=round(train_s / max(steps - start, 1), 3),
+                 references=[r["completion"].strip() for r in test_rows[:5]])
+  _export(cfg, model, mcfg, trainable, frozen, model_path)
+  _log(cfg.out_dir, {"event": "after", **{k: v for k, v in after.items() if k != "samples"}, "train_s": results["train_s"]})
+  with open(os.path.join(cfg.out_dir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1)
+  return results
+
+
+def _export(cfg: TrainConfig, model, mcfg, trainable, frozen, model_path: str) -> None:
+  """Writes ``adapter/`` (PEFT) for LoRA, ``model/`` (HF) for full fine-tuning."""
+  if cfg.method == "full":
+    from jax_lora.models.hf import save_hf
+
+    save_hf(os.path.join(cfg.out_dir, "model"), trainable, mcfg)
+    return
+  from jax_lora.peft import save_peft
+
+  save_peft(os.path.join(cfg.out_dir, "adapter"), jl.combine(trainable, frozen),
+            model_type=getattr(mcfg, "model_type", "llama"), base_model_name_or_path=model_path)
