@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_lora.models.llama import allowed_mask, attend, cache_update, mask_and_positions, project
+from jax_lora.models.llama import allowed_mask, attend, cache_update, logits_dtype, mask_and_positions, project
 
 __all__ = [
     "GPT2Config",
@@ -188,7 +188,7 @@ class GPT2LMHeadModel(nn.Module):
     tr = GPT2Model(self.config, dtype=self.dtype, param_dtype=self.param_dtype, name="transformer")
     x, cache = tr(input_ids, mask, positions, cache, index)
     logits = tr.logits(x.reshape(b * s, -1))
-    return logits.reshape(b, s, -1).astype(jnp.promote_types(self.dtype, jnp.float32)), cache
+    return logits.reshape(b, s, -1).astype(logits_dtype(self.dtype)), cache
 
 
 def init_cache(config: GPT2Config, batch: int, max_len: int, dtype=jnp.float32):

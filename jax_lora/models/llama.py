@@ -20,6 +20,7 @@ only takes its fast GEMM path for weight gradients that contract one axis.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -151,7 +152,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding in Hugging Face's ``rotate_half`` layout. x: (b, s, h, d); positions (b, s)."""
   d = x.shape[-1]
   inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
-  ang = positions.astype(jnp.float32)[..., None] * inv  # (b, s, d/2)
+  ang = positions.astype(jnp.float32)[..., None] * inv[None, None, :]  # (b, s, d/2)
   ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]
   cos, sin = jnp.cos(ang).astype(x.dtype), jnp.sin(ang).astype(x.dtype)
   x1, x2 = x[..., : d // 2], x[..., d // 2 :]
@@ -173,7 +174,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.
   b, s, h, d = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, s, kv, h // kv, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) / np.sqrt(d)
+  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
   scores = jnp.where(allowed[:, None, None], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
@@ -233,7 +234,7 @@ class RMSNorm(nn.Module):
     w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (w.astype(jnp.float32) * xf).astype(self.dtype)
+    return (w.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,)) * xf).astype(self.dtype)
 
 
 def _dense(features: int, name: str, use_bias: bool, dtype, param_dtype) -> nn.Dense:
@@ -358,7 +359,12 @@ class LlamaForCausalLM(nn.Module):
       logits = model.logits_tied(x)
     else:
       logits = _dense(c.vocab_size, "lm_head", False, self.dtype, self.param_dtype)(x)
-    return logits.reshape(b, s, -1).astype(jnp.promote_types(self.dtype, jnp.float32)), cache
+    return logits.reshape(b, s, -1).astype(logits_dtype(self.dtype)), cache
+
+
+def logits_dtype(dtype) -> Any:
+  """float64 logits for a float64 model, else float32."""
+  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32):
