@@ -1,25 +1,39 @@
-"""Flax Linen causal LMs with Hugging Face parameter names, and their loaders."""
+"""Flax Linen causal LMs with Hugging Face parameter names, their loaders and generation."""
 
 from jax_lora.models.generate import generate
+from jax_lora.models.gguf import load_gguf
+from jax_lora.models.gguf import tokenizer_from_gguf
 from jax_lora.models.gpt2 import GPT2Config
 from jax_lora.models.gpt2 import GPT2LMHeadModel
+from jax_lora.models.hf import config_from_hf
 from jax_lora.models.hf import hf_key_to_path
+from jax_lora.models.hf import hf_state_from_params
 from jax_lora.models.hf import init_cache
 from jax_lora.models.hf import load_hf
+from jax_lora.models.hf import model_from_config
 from jax_lora.models.hf import path_to_hf_key
 from jax_lora.models.hf import save_hf
 from jax_lora.models.llama import LlamaConfig
 from jax_lora.models.llama import LlamaForCausalLM
+from jax_lora.models.shipped import smollm2_gguf_path
+from jax_lora.models.shipped import smollm2_hf_folder
 
 __all__ = [
     "GPT2Config",
     "GPT2LMHeadModel",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "config_from_hf",
     "generate",
     "hf_key_to_path",
+    "hf_state_from_params",
     "init_cache",
+    "load_gguf",
     "load_hf",
+    "model_from_config",
     "path_to_hf_key",
     "save_hf",
+    "smollm2_gguf_path",
+    "smollm2_hf_folder",
+    "tokenizer_from_gguf",
 ]
