@@ -97,7 +97,7 @@ class LoraSection:
 class QuantSection:
   """Base-weight quantization used by method "qlora"."""
 
-  # Storage type of the frozen base kernels (only "nf4").
+  # Storage type of the frozen base kernels: "nf4" (QLoRA), "int4" or "int8".
   type: str = "nf4"
   # Values per absmax block.
   block_size: int = 64
@@ -303,8 +303,9 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> TrainConfig:
   _check(len(lo.targets) > 0, "config key 'lora.targets' is empty; list path regexes or use [all-linear]")
   _choice("lora.init", lo.init, ("kaiming", "gaussian", "pissa"))
   _choice("lora.bias", lo.bias, ("none", "all", "lora_only"))
-  _choice("quant.type", cfg.quant.type, ("nf4",))
-  _check(cfg.quant.block_size >= 1, f"config key 'quant.block_size' must be a positive integer, got {cfg.quant.block_size}")
+  _choice("quant.type", cfg.quant.type, ("nf4", "int4", "int8"))
+  _check(cfg.quant.block_size >= 2 and cfg.quant.block_size % 2 == 0,
+         f"config key 'quant.block_size' must be an even integer >= 2 (e.g. 64), got {cfg.quant.block_size}")
   o = cfg.optim
   _choice("optim.name", o.name, ("adamw",))
   _check(o.lr > 0 and math.isfinite(o.lr), f"config key 'optim.lr' must be a positive number, got {o.lr}")

@@ -219,11 +219,15 @@ def _restore(mngr, trainable, opt_state):
 
 def _prepare(cfg: TrainConfig, model, params):
   """``(trainable, frozen, gen_params, gen_apply)`` for the method."""
-  if cfg.method == "qlora":
-    raise ValueError("method 'qlora' needs NF4 base quantization, which this build does not have yet; use method=lora")
   if cfg.method == "full":
     return params, None, {"params": params}, None
   adapted = jl.init_lora(params, lora_config(cfg), jax.random.key(cfg.seed))
+  if cfg.method == "qlora":  # base kernels to NF4 (A/B stay float); dequantized per matmul
+    from jax_lora.quant import QuantConfig, quantize
+
+    q = cfg.quant
+    adapted = quantize(adapted, QuantConfig(scheme=q.type, block_size=q.block_size, double_quant=q.double_quant,
+                                            compute_dtype=jnp.dtype(cfg.dtype)))
   trainable, frozen = jl.split(adapted, bias=cfg.lora.bias)
   return trainable, frozen, None, functools.partial(jl.linen.apply, model)
 
