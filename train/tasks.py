@@ -137,7 +137,7 @@ def de_en_rows(pairs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 def _gloss(text: str) -> str:
-  """The definition part of a WordNet gloss (quoted examples after ``;`` dropped)."""
+  """The definition part of a WordNet gloss: the text before the first quoted example."""
   definition = text.split('"', 1)[0]
   return _SPACE.sub(" ", definition).strip(" ;:")
 
