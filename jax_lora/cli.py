@@ -249,7 +249,7 @@ def quantize_model(model_dir: str, out: str, double_quant: bool = False) -> dict
     from jax_lora import bnb
   except ImportError:
     raise CliError("quantize needs jax_lora.bnb (the bitsandbytes NF4 writer), which is not installed") from None
-  from jax_lora.merge_files import copy_side_files, read_model_tensors, save_tensors
+  from jax_lora.merge_files import CONV1D_MODEL_TYPES, copy_side_files, read_model_tensors, save_tensors
   from jax_lora.peft import atomic_folder
 
   cfg_path = os.path.join(model_dir, "config.json")
@@ -259,6 +259,11 @@ def quantize_model(model_dir: str, out: str, double_quant: bool = False) -> dict
     hf_config = json.load(f)
   tensors = read_model_tensors(model_dir)
   linear = _linear_keys(tensors, hf_config)
+  if not linear:
+    raise CliError(f"{model_dir}: found no linear weights to quantize")
+  if hf_config.get("model_type") in CONV1D_MODEL_TYPES:
+    # Conv1D stores (in, out); bitsandbytes (as transformers quantizes it) stores (out, in)
+    tensors = {k: (v.T if k in set(linear) else v) for k, v in tensors.items()}
   out_tensors, qconfig = bnb.quantize_state_dict(tensors, linear, blocksize=64, double_quant=double_quant)
   with atomic_folder(out) as tmp:
     copy_side_files(model_dir, tmp)

@@ -185,12 +185,20 @@ def test_merge_gpt2_adapter_without_fan_in_fan_out_flag(folders, capsys, tmp_pat
     assert torch.equal(outs[0][k], outs[1][k]), k
 
 
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+  """Tiny Llama whose linear input dims are multiples of the NF4 block (64)."""
+  base = str(tmp_path_factory.mktemp("wide") / "base")
+  tiny_model(base, "llama", seed=5, hidden_size=64, intermediate_size=128)
+  return base
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_quantize_matches_bitsandbytes(folders, capsys, tmp_path, double_quant):
+def test_quantize_matches_bitsandbytes(wide_llama, capsys, tmp_path, double_quant):
   pytest.importorskip("jax_lora.bnb")
   bnbf = pytest.importorskip("bitsandbytes.functional")
   from safetensors.torch import load_file
-  base = folders["llama"][0]
+  base = wide_llama
   out = tmp_path / "q"
   rc, _, err = run(capsys, "quantize", "--model", base, "--out", str(out), *(["--double-quant"] if double_quant else []))
   assert rc == 0, err
@@ -230,3 +238,16 @@ def test_train_dispatches_to_train_cli(monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, "train.cli", None)  # import fails
   rc, _, err = run(capsys, "train", "x.yaml")
   assert rc == 1 and "train" in err and len(err.strip().splitlines()) == 1
+
+
+def test_quantize_gpt2_conv1d_loads_in_transformers(capsys, tmp_path):
+  pytest.importorskip("jax_lora.bnb")
+  base, out = str(tmp_path / "g"), str(tmp_path / "q")
+  tiny_model(base, "gpt2", seed=6, n_embd=64)
+  assert run(capsys, "quantize", "--model", base, "--out", out)[0] == 0
+  ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+  ours = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+  ref = transformers.AutoModelForCausalLM.from_pretrained(base, device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(
+      load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+  with torch.no_grad():
+    np.testing.assert_allclose(ours(ids).logits.numpy(), ref(ids).logits.numpy(), atol=1e-5)

@@ -39,15 +39,15 @@ def save_tokenizer(folder: str) -> None:
   fast.save_pretrained(folder)
 
 
-def tiny_model(folder: str, kind: str = "llama", seed: int = 0):
+def tiny_model(folder: str, kind: str = "llama", seed: int = 0, **overrides):
   """Saves a tiny random transformers model (+ tokenizer) into ``folder``; returns the torch model."""
   torch.manual_seed(seed)
   if kind == "llama":
-    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(**{**dict(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                             tie_word_embeddings=False), **overrides})
   else:
-    cfg = transformers.GPT2Config(vocab_size=32, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    cfg = transformers.GPT2Config(**{**dict(vocab_size=32, n_embd=32, n_layer=2, n_head=4, n_positions=64), **overrides})
   model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
   model.save_pretrained(folder)
   save_tokenizer(folder)
