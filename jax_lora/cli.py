@@ -345,9 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "inspect":
       print(inspect_model(args.model, args.config).table())
     return 0
-  except (ValueError, OSError, KeyError) as e:
+  except (ValueError, OSError) as e:  # bad input: the message says what to fix
     msg = " ".join(str(e).split()) or type(e).__name__
     print(f"jax-lora: error: {msg}", file=sys.stderr)
+    return 1
+  except Exception as e:  # noqa: BLE001 - the contract is one line on stderr, whatever failed
+    msg = " ".join(str(e).split())
+    print(f"jax-lora: error: {type(e).__name__}: {msg}", file=sys.stderr)
     return 1
 
 

@@ -116,11 +116,17 @@ def test_inspect_counts_match_peft(folders, capsys, tmp_path):
     (["merge", "--base", "{base}", "--adapter", "{other}", "--out", "{tmp}/m"], "not in the base|no '<module>.weight'|do not fit"),
     (["inspect", "--model", "{tmp}"], "config.json"),
     (["eval", "--model", "{base}", "--data", "{tmp}/x.csv"], ".txt"),
+    (["inspect", "--model", "{base}", "--config", "{tmp}/bad.yaml"], "error"),
+    (["merge", "--base", "{tmp}/badbase", "--adapter", "{other}", "--out", "{tmp}/m"], "error"),
 ])
 def test_errors_are_one_line(folders, capsys, tmp_path, argv, match):
   base = folders["llama"][0]
   other = folders["gpt2"][1]
   (tmp_path / "x.csv").write_text("a\n")
+  (tmp_path / "bad.yaml").write_text("lora: [unclosed\n")
+  (tmp_path / "badbase").mkdir()
+  (tmp_path / "badbase" / "config.json").write_text("{}")
+  (tmp_path / "badbase" / "model.safetensors").write_bytes(b"not safetensors")
   argv = [a.format(base=base, other=other, tmp=tmp_path) for a in argv]
   rc, _, err = run(capsys, *argv)
   assert rc == 1
