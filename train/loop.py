@@ -144,22 +144,24 @@ def generate_texts(model: Any, gen_params: Any, apply_fn: Callable | None, token
                    *, max_new_tokens: int, batch_size: int, bucket: int = 16) -> list[str]:
   """Greedy continuations of ``prompts``, cut at EOS / the first newline.
 
-  Prompts are decoded in batches of similar length (fewer padded shapes).
+  All prompts are padded to one length and every batch has ``batch_size``
+  rows (the last one filled with repeats), so the decoding loop compiles once
+  per call site; batches hold prompts of similar length (the loop stops when
+  every row has produced EOS).
   """
   from jax_lora.models.generate import generate
 
   eos = tokenizer.eos_token_id
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-  order = np.argsort([len(p) for p in prompts], kind="stable")
+  ids, mask = td.encode_prompts(tokenizer, prompts, pad_id=pad, bucket=bucket)
+  order = np.argsort(mask.sum(1), kind="stable")
   out: list[str] = [""] * len(prompts)
   for i in range(0, len(order), batch_size):
     idx = list(order[i:i + batch_size])
-    chunk = [prompts[j] for j in idx]
-    chunk += [chunk[0]] * (batch_size - len(chunk))  # fixed batch shape
-    ids, mask = td.encode_prompts(tokenizer, chunk, pad_id=pad, bucket=bucket)
-    toks = generate(model, gen_params, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos,
+    rows = idx + [idx[0]] * (batch_size - len(idx))  # fixed batch shape
+    toks = generate(model, gen_params, ids[rows], mask[rows], max_new_tokens=max_new_tokens, eos_token_id=eos,
                     pad_token_id=pad, apply_fn=apply_fn)
-    for j, text in zip(idx, tm.decode_generated(tokenizer, toks, eos)):
+    for j, text in zip(idx, tm.decode_generated(tokenizer, toks[: len(idx)], eos)):
       out[j] = text
   return out
 
