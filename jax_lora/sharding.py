@@ -166,9 +166,17 @@ def data_parallel(axis: str = "data") -> ShardingRules:
   return ShardingRules(rules=(), batch=(axis,))
 
 
-def fsdp(axis: str = "data", *, strict: bool = True) -> ShardingRules:
-  """ZeRO-3 style: kernels sharded on their input axis, embeddings on the feature axis."""
-  return ShardingRules(rules=((r"(.*/)?kernel", P(axis, None)), (r"(.*/)?embedding", P(None, axis))),
+def fsdp(axis: str = "data", *, kernel_dim: str = "in", strict: bool = True) -> ShardingRules:
+  """ZeRO-3 style: kernels sharded on one axis, embeddings on the feature axis.
+
+  ``kernel_dim="in"`` splits the input axis of (in, out) kernels; "out" splits the
+  output axis, which never cuts NF4 blocks (they run along the input axis), so
+  QLoRA bases shard whenever the output width divides the mesh.
+  """
+  if kernel_dim not in ("in", "out"):
+    raise ValueError(f"fsdp kernel_dim must be 'in' or 'out', got {kernel_dim!r}")
+  kspec = P(axis, None) if kernel_dim == "in" else P(None, axis)
+  return ShardingRules(rules=((r"(.*/)?kernel", kspec), (r"(.*/)?embedding", P(None, axis))),
                        batch=(axis,), strict=strict)
 
 
@@ -337,7 +345,7 @@ def param_specs(adapted: Any, rules: ShardingRules, mesh: Mesh) -> Any:
       return dataclasses.replace(v, w=w_spec, a=None if v.a is None else a_spec, b=None if v.b is None else b_spec)
     if is_quantized(v):
       return base_spec(path, v)[0]
-    return rules.spec(path, np.shape(v), mesh)
+    return rules.spec(path, tuple(getattr(v, "shape", None) or np.shape(v)), mesh)
 
   return _map(f, adapted)
 

@@ -384,6 +384,9 @@ def test_quantized_specs_cut_only_at_block_boundaries(qreference):
   with pytest.warns(UserWarning, match="replicating"):
     lax = sh.param_specs(q4, sh.fsdp("data", strict=False), sh.make_mesh({"data": 8}))
   assert lax["layers_0"]["q_proj"]["kernel"].w.codes == P(None, None)
+  out = sh.param_specs(q4, sh.fsdp("data", kernel_dim="out"), sh.make_mesh({"data": 8}))  # never cuts blocks
+  assert out["layers_0"]["q_proj"]["kernel"].w.codes == P("data", None)
+  assert out["layers_0"]["q_proj"]["kernel"].b == P(None, "data")
 
 
 @pytest.mark.xfail(raises=ValueError, strict=False,
