@@ -56,6 +56,8 @@ __all__ = [
     "place",
     "with_memory_kind",
     "make_train_step",
+    "init_opt_state",
+    "fit_spec",
     "make_pmap_train_step",
     "replicate",
     "unreplicate",
@@ -243,15 +245,17 @@ def mesh_from_config(config: Mapping[str, Any], devices: Sequence[Any] | None = 
   Config keys: ``axes`` ({name: size}, in mesh order; one size may be -1),
   ``rules`` (a preset name: "data_parallel", "fsdp", "tensor_parallel",
   "fsdp_tp"; or a list of [regex, [axis-or-null, ...]] pairs), optional
-  ``batch`` (mesh axes splitting the batch, for custom rules) and ``strict``.
-  Presets use the first mesh axis as data/FSDP axis and the last as model axis.
+  ``batch`` (mesh axes splitting the batch, for custom rules), ``strict`` and
+  ``kernel_dim`` ("in" or "out": the kernel axis the "fsdp" preset splits; "out"
+  never cuts NF4 blocks). Presets use the first mesh axis as data/FSDP axis and
+  the last as model axis.
 
   Example:
     >>> mesh, rules = mesh_from_config({"axes": {"data": 2, "model": 4}, "rules": "fsdp_tp"})
   """
-  unknown = set(config) - {"axes", "rules", "batch", "strict"}
+  unknown = set(config) - {"axes", "rules", "batch", "strict", "kernel_dim"}
   if unknown:
-    raise ValueError(f"mesh config has unknown keys {sorted(unknown)}; use axes, rules, batch, strict")
+    raise ValueError(f"mesh config has unknown keys {sorted(unknown)}; use axes, rules, batch, strict, kernel_dim")
   axes = config.get("axes") or {"data": -1}
   if not isinstance(axes, Mapping):
     raise ValueError(f"mesh.axes must be a mapping {{name: size}}, got {axes!r}")
@@ -266,7 +270,7 @@ def mesh_from_config(config: Mapping[str, Any], devices: Sequence[Any] | None = 
       out = data_parallel(names[0])
       out = dataclasses.replace(out, batch=names)  # replicated weights: every axis splits the batch
     elif rules == "fsdp":
-      out = fsdp(names[0], strict=strict)
+      out = fsdp(names[0], kernel_dim=config.get("kernel_dim", "in"), strict=strict)
     elif rules == "tensor_parallel":
       out = tensor_parallel(names[-1], strict=strict)
       out = dataclasses.replace(out, batch=names[:-1])
@@ -508,9 +512,6 @@ def init_opt_state(optimizer: optax.GradientTransformation, trainable: Any, trai
   sh = opt_state_shardings(optimizer, abstract, trainable_shardings, mesh)
   state = jax.jit(optimizer.init, out_shardings=sh)(trainable)
   return jax.device_put(state, with_memory_kind(sh, memory_kind)) if memory_kind else state
-
-
-__all__ += ["init_opt_state", "fit_spec"]
 
 
 def make_pmap_train_step(loss_fn: Callable[[Any, Any], jax.Array], optimizer: optax.GradientTransformation, *,

@@ -285,6 +285,8 @@ def test_mesh_from_config():
   assert mesh.shape["data"] == 8 and rules.raw_spec("x/kernel") == P()
   mesh, rules = sh.mesh_from_config({"axes": {"data": 8}, "rules": [[".*/kernel", ["data", None]]], "batch": ["data"]})
   assert rules.raw_spec("a/kernel") == P("data", None) and rules.batch == ("data",)
+  _, rules = sh.mesh_from_config({"axes": {"data": 8}, "rules": "fsdp", "kernel_dim": "out"})
+  assert rules.raw_spec("a/kernel") == P(None, "data")
 
 
 @pytest.mark.parametrize("cfg,msg", [
@@ -293,6 +295,7 @@ def test_mesh_from_config():
     ({"axes": {"data": 8}, "rules": "fsdp_tp"}, "needs a 2-D mesh"),
     ({"axes": {"data": 8}, "mesh": 1}, "unknown keys"),
     ({"axes": {"data": 8}, "batch": ["dp"]}, "not a mesh axis"),
+    ({"axes": {"data": 8}, "rules": "fsdp", "kernel_dim": "rows"}, "kernel_dim must be 'in' or 'out'"),
 ])
 def test_bad_mesh_config(cfg, msg):
   with pytest.raises(ValueError, match=msg):
