@@ -89,6 +89,17 @@ def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
   return np.where(i < steps // 2, lo, hi).astype(np.float32)
 
 
+@functools.cache
+def _pair_table(scheme: str) -> np.ndarray:
+  """(256, 2) float32: the (high, low) nibble values of every byte."""
+  b = np.arange(256)
+  hi, lo = b >> 4, b & 0xF
+  if scheme == "nf4":
+    return np.stack([NF4_CODE[hi], NF4_CODE[lo]], -1)
+  sext = lambda v: np.where(v >= 8, v - 16, v).astype(np.float32)  # two's-complement nibble
+  return np.stack([sext(hi), sext(lo)], -1) * np.float32(1.0 / _LEVELS[scheme])
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantConfig:
   """How :func:`quantize` quantizes a parameter tree."""
@@ -197,14 +208,14 @@ class QuantizedArray:
   def dequantize(self, dtype=None) -> jax.Array:
     """The float weight in its original shape (``dtype``: default the original dtype)."""
     dtype = self.dtype if dtype is None else dtype
-    q = self.unpacked()
-    if self.scheme == "nf4":
-      vals = jnp.asarray(NF4_CODE)[q.astype(jnp.int32)]
-    else:
-      vals = q.astype(jnp.float32) * jnp.float32(1.0 / _LEVELS[self.scheme])
-    rest = q.shape[:-1]
-    nblk = q.shape[-1] // self.block_size
-    w = (vals.reshape(rest + (nblk, self.block_size)) * self.scales()[..., None]).reshape(q.shape)
+    c = self.codes
+    if self.scheme == "int8":
+      vals = c.astype(jnp.float32) * jnp.float32(1.0 / _LEVELS["int8"])
+    else:  # one look-up per byte gives both values (2x faster than unpacking on CPU)
+      vals = jnp.asarray(_pair_table(self.scheme))[c.astype(jnp.int32)]
+    shape = c.shape[:-1] + (self.padded,)
+    nblk = self.padded // self.block_size
+    w = (vals.reshape(shape[:-1] + (nblk, self.block_size)) * self.scales()[..., None]).reshape(shape)
     w = w[..., :self.shape[self.axis]].astype(dtype)
     return jnp.transpose(w, np.argsort(self.perm))
 
