@@ -214,3 +214,26 @@ def test_shard_specs_cut_at_blocks():
   assert q.shard_specs(P("model", None), {"model": 4}).codes == P(None, "model")
   with pytest.raises(ValueError, match="blocks"):
     q.shard_specs(P("model", None), {"model": 8})
+
+
+def test_loftq_reduces_quantization_error():
+  from jax_lora import loftq
+  k = jax.random.split(jax.random.key(7), 3)
+  # a weight with a strong low-rank part, like trained layers
+  w = jax.random.normal(k[0], (256, 128)) * 0.1 + jax.random.normal(k[1], (256, 4)) @ jax.random.normal(k[2], (4, 128))
+  plain = np.linalg.norm(np.asarray(w - Q.quantize_array(w).dequantize()))
+  errs = []
+  for n in (1, 3):
+    q, a, b = loftq.loftq_init(w, 8, n_iter=n, scale=2.0)
+    assert a.shape == (256, 8) and b.shape == (8, 128)
+    errs.append(np.linalg.norm(np.asarray(w - q.dequantize() - 2.0 * a @ b)))
+  assert errs[0] < plain and errs[1] <= errs[0] * 1.01
+  with pytest.raises(ValueError, match="rank"):
+    loftq.loftq_init(w, 0)
+  p = {"dense": {"kernel": w, "bias": jnp.zeros(128)}}
+  ad = loftq.init_loftq(p, jl.LoraConfig(rank=8, alpha=16.0, targets=(r"dense/kernel",)), Q.QuantConfig(min_size=1),
+                        jax.random.key(0), n_iter=2)
+  lw = ad["dense"]["kernel"]
+  assert isinstance(lw.w, Q.QuantizedArray)
+  merged = np.asarray(jl.merge(ad)["dense"]["kernel"])
+  assert np.linalg.norm(merged - np.asarray(w)) < plain
