@@ -181,20 +181,33 @@ class QuantizedArray:
     return f"QuantizedArray({self.scheme}, shape={self.shape}, dtype={np.dtype(self.dtype).name}, block={self.block_size}{dq})"
 
   # ---------------------------------------------------------------- values
+  def _local(self) -> "QuantizedArray":
+    """Self with ``shape``/``axis`` matching the arrays after leading axes were sliced off
+    (``nn.scan`` slices every data field but keeps the static metadata)."""
+    k = self.ndim - self.codes.ndim
+    if k <= 0:
+      return self
+    return dataclasses.replace(self, shape=self.shape[k:], axis=self.axis - k)
+
   def scales(self) -> jax.Array:
     """The float32 absmax per block, ``(*rest, K_padded // block_size)`` (reconstructed if double-quantized)."""
     if not self.double_quant:
       return self.absmax.astype(jnp.float32)
-    flat = self.absmax_codes.reshape(-1)
-    n = flat.shape[0]
-    nb = self.nested_absmax.shape[0]
-    vals = jnp.asarray(dynamic_map())[flat.astype(jnp.int32)]
-    vals = jnp.pad(vals, (0, nb * self.dq_block_size - n)).reshape(nb, self.dq_block_size)
-    rec = (vals * self.nested_absmax.astype(jnp.float32)[:, None]).reshape(-1)[:n] + self.offset.astype(jnp.float32)
-    return rec.reshape(self.absmax_codes.shape)
+    ac = self.absmax_codes
+    lead = ac.shape[:-2]
+    rows = ac.reshape(math.prod(lead), -1)
+    n = rows.shape[1]
+    nested = self.nested_absmax.reshape(rows.shape[0], -1).astype(jnp.float32)
+    nb = nested.shape[1]
+    vals = jnp.asarray(dynamic_map())[rows.astype(jnp.int32)]
+    vals = jnp.pad(vals, ((0, 0), (0, nb * self.dq_block_size - n))).reshape(-1, nb, self.dq_block_size)
+    rec = (vals * nested[..., None]).reshape(rows.shape[0], -1)[:, :n]
+    rec = rec + self.offset.reshape(-1, 1).astype(jnp.float32)
+    return rec.reshape(ac.shape)
 
   def unpacked(self) -> jax.Array:
     """Integer codes, one per element, in the stored layout ``(*rest, K_padded)``."""
+    self = self._local()
     c = self.codes
     if self.scheme == "int8":
       return c
@@ -207,6 +220,7 @@ class QuantizedArray:
 
   def dequantize(self, dtype=None) -> jax.Array:
     """The float weight in its original shape (``dtype``: default the original dtype)."""
+    self = self._local()
     dtype = self.dtype if dtype is None else dtype
     c = self.codes
     if self.scheme == "int8":
@@ -293,17 +307,25 @@ def _dq_codes(v: jax.Array) -> jax.Array:
 
 
 def _double_quantize(absmax: jax.Array, dq_block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  flat = absmax.reshape(-1)
-  n = flat.shape[0]
-  offset = jnp.mean(flat)
-  centered = flat - offset
+  """bitsandbytes' double quantization of the absmax constants.
+
+  2-D weights (absmax ``(out, nblk)``) use one offset and nested blocks over the
+  flat absmax, exactly like bitsandbytes. Stacked weights (``(*lead, out, nblk)``,
+  e.g. ``nn.scan`` layers) get one offset and nested constants per leading
+  index, so slicing a layer off every field (as ``nn.scan`` does) stays exact.
+  """
+  lead = absmax.shape[:-2]
+  rows = absmax.reshape(math.prod(lead), -1)
+  n = rows.shape[1]
+  offset = jnp.mean(rows, axis=1)
+  centered = rows - offset[:, None]
   nb = -(-n // dq_block)
   # pad with zeros of the last block's own values: padding must not change its absmax
-  padded = jnp.pad(centered, (0, nb * dq_block - n)).reshape(nb, dq_block)
+  padded = jnp.pad(centered, ((0, 0), (0, nb * dq_block - n))).reshape(-1, nb, dq_block)
   nested = jnp.max(jnp.abs(padded), axis=-1)
-  normed = padded / jnp.maximum(nested, _TINY)[:, None]
-  codes = _dq_codes(normed).reshape(-1)[:n].reshape(absmax.shape)
-  return codes, nested, offset
+  normed = padded / jnp.maximum(nested, _TINY)[..., None]
+  codes = _dq_codes(normed).reshape(rows.shape[0], -1)[:, :n].reshape(absmax.shape)
+  return codes, nested.reshape(lead + (nb,)), offset.reshape(lead)
 
 
 @functools.partial(jax.jit, static_argnames=("scheme", "block_size", "double_quant", "dq_block_size", "axis"))

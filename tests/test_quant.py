@@ -237,3 +237,16 @@ def test_loftq_reduces_quantization_error():
   assert isinstance(lw.w, Q.QuantizedArray)
   merged = np.asarray(jl.merge(ad)["dense"]["kernel"])
   assert np.linalg.norm(merged - np.asarray(w)) < plain
+
+
+def test_stacked_kernel_slices_like_nn_scan():
+  """nn.scan slices every data field of a stacked kernel; each slice must equal that layer quantized alone."""
+  from jax_lora.quant import quantize_array
+  w = jax.random.normal(jax.random.key(3), (3, 128, 48))
+  for dq in (False, True):
+    q = quantize_array(w, block_size=64, double_quant=dq, dq_block_size=8)
+    for i in range(3):
+      layer = jax.tree.map(lambda x: x[i], q)
+      alone = quantize_array(w[i], block_size=64, double_quant=dq, dq_block_size=8)
+      np.testing.assert_allclose(np.asarray(layer.dequantize()), np.asarray(alone.dequantize()), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(q.dequantize()[1]), np.asarray(quantize_array(w[1], block_size=64, double_quant=dq, dq_block_size=8).dequantize()), rtol=1e-6, atol=1e-7)

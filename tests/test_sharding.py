@@ -391,15 +391,11 @@ def test_quantized_specs_cut_only_at_block_boundaries(qreference):
   assert out["layers_0"]["q_proj"]["kernel"].b == P(None, "data")
 
 
-@pytest.mark.xfail(raises=ValueError, strict=False,
-                   reason="jax_lora.quant.QuantizedArray keeps its static stacked shape when nn.scan slices "
-                          "its children, so dequantize() of one layer fails (fix belongs in quant.py)")
-def test_scanned_qlora_equals_unrolled():
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_scanned_qlora_equals_unrolled(double_quant):
   quant = pytest.importorskip("jax_lora.quant")
-  stacked = quant.quantize_array(jnp.ones((2, 8, 4)), block_size=4, double_quant=False)
-  jax.tree.map(lambda x: x[0], stacked).dequantize()  # what nn.scan does to a stacked kernel
   model, adapted, batch, loss_fn = setup(ScanModel(remat=True))
-  cfg = quant.QuantConfig(block_size=4, double_quant=False, targets=TARGETS)
+  cfg = quant.QuantConfig(block_size=4, double_quant=double_quant, dq_block_size=4, targets=TARGETS)
   qscan = quant.quantize(adapted, cfg)  # NF4 on the stacked (layers, in, out) kernels
   mesh = sh.make_mesh({"data": 2, "model": 4})
   losses, tr, _, _ = sharded_train(loss_fn, qscan, batch, mesh, sh.fsdp_tp())
