@@ -15,10 +15,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_lora.lora import LoraWeight, is_quantized, materialize
 
-__all__ = ["dot", "dense", "einsum", "lora_delta"]
+__all__ = ["dot", "dense", "einsum", "lora_matmul"]
 
 _state = threading.local()
 
@@ -65,50 +66,60 @@ def _add_low_rank(y: jax.Array, u: jax.Array, v: jax.Array, precision=None) -> j
   return y + jnp.dot(u, v, precision=precision)
 
 
-def lora_matmul(x, xd, w, a, b, scale, precision=None):
-  """``x @ w + scale·(xd @ a) @ b`` on 2-D operands, without forming ``a @ b``.
+def lora_matmul(x, xd, wb, a, b, scale, precision=None, dtype=None):
+  """``x @ W + scale·(xd @ a) @ b`` on 2-D operands, without forming ``a @ b``.
 
-  ``xd`` is ``x`` with LoRA dropout applied, or ``x`` itself (then a custom VJP
-  with thin rank-r products and fused low-rank adds is used; its gradient for
-  ``w`` is only computed if someone asks for it, otherwise XLA removes it).
+  ``wb`` is the base kernel: a float array or a quantized array, dequantized to
+  ``dtype`` here and again in the backward pass (no float copy of a quantized
+  base stays alive between them). ``xd`` is ``x`` with LoRA dropout applied, or
+  ``x`` itself (then a custom VJP with thin rank-r products is used; its
+  gradient for ``wb`` is only computed if someone asks for it, otherwise XLA
+  removes it).
   """
+  dtype = x.dtype if dtype is None else dtype
   if xd is x:
-    return _lmm(x, w, a, b, scale, precision)
+    return _lmm(x, wb, a, b, scale, precision, dtype)
+  w = _w2(wb, dtype, x.shape[1])
   xa = jnp.dot(xd, a, precision=precision) * jnp.asarray(scale, x.dtype)
   return _add_low_rank(jnp.dot(x, w, precision=precision), xa, b, precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _lmm(x, w, a, b, scale, precision=None):
-  return _lmm_fwd(x, w, a, b, scale, precision)[0]
+def _w2(wb, dtype, n_in):
+  return materialize(wb, dtype).reshape(n_in, -1)
 
 
-def _lmm_fwd(x, w, a, b, scale, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _lmm(x, wb, a, b, scale, precision, dtype):
+  return _lmm_fwd(x, wb, a, b, scale, precision, dtype)[0]
+
+
+def _lmm_fwd(x, wb, a, b, scale, precision, dtype):
   xa = jnp.dot(x, a, precision=precision) * jnp.asarray(scale, x.dtype)
-  return _add_low_rank(jnp.dot(x, w, precision=precision), xa, b, precision), (x, w, a, b, xa)
+  y = _add_low_rank(jnp.dot(x, _w2(wb, dtype, x.shape[1]), precision=precision), xa, b, precision)
+  return y, (x, wb, a, b, xa)
 
 
-def _lmm_bwd(scale, precision, res, g):
-  x, w, a, b, xa = res
+def _zero_cotangent(tree):
+  def z(v):
+    if jnp.issubdtype(v.dtype, jnp.inexact):
+      return jnp.zeros(v.shape, v.dtype)
+    return np.zeros(v.shape, jax.dtypes.float0)
+  return jax.tree.map(z, tree)
+
+
+def _lmm_bwd(scale, precision, dtype, res, g):
+  x, wb, a, b, xa = res
+  w = _w2(wb, dtype, x.shape[1])
   gb = jnp.dot(g, b.T, precision=precision) * jnp.asarray(scale, g.dtype)  # (N, r)
   dx = _add_low_rank(jnp.dot(g, w.T, precision=precision), gb, a.T, precision)
-  return (dx, jnp.dot(x.T, g, precision=precision), jnp.dot(x.T, gb, precision=precision),
-          jnp.dot(xa.T, g, precision=precision))
+  if is_quantized(wb):
+    dw = _zero_cotangent(wb)  # a quantized base is frozen by construction
+  else:
+    dw = jnp.dot(x.T, g, precision=precision).reshape(wb.shape).astype(wb.dtype)
+  return (dx, dw, jnp.dot(x.T, gb, precision=precision), jnp.dot(xa.T, g, precision=precision))
 
 
 _lmm.defvjp(_lmm_fwd, _lmm_bwd)
-
-
-def lora_delta(x2: jax.Array, lw: LoraWeight, dtype, *, precision=None, rng=None) -> jax.Array:
-  """``s·dropout(x2) @ A @ B`` for tokens ``x2`` of shape (N, prod(in)) → (N, prod(out))."""
-  r = lw.a.shape[-1]
-  a2 = lw.a.astype(dtype).reshape(-1, r)
-  b2 = lw.b.astype(dtype).reshape(r, -1)
-  if a2.shape[0] != x2.shape[-1]:
-    raise ValueError(f"LoRA A for {lw.path!r} has {a2.shape[0]} input features but the layer gets {x2.shape[-1]}")
-  xa = jnp.dot(_dropout(x2, lw.dropout, rng, lw.path), a2, precision=precision)
-  # scale the (N, r) intermediate: cheaper than scaling the (N, out) result.
-  return jnp.dot(xa * jnp.asarray(lw.scale, dtype), b2, precision=precision)
 
 
 def _kernel_parts(kernel: Any, dtype) -> tuple[jax.Array, LoraWeight | None]:
@@ -129,23 +140,25 @@ def dense(x: jax.Array, kernel: Any, bias: jax.Array | None = None, *, n_in: int
   base = kernel.w if isinstance(kernel, LoraWeight) else kernel
   if dtype is None:
     dtype = x.dtype if is_quantized(base) else jnp.result_type(x.dtype, base.dtype)
-  w, lw = _kernel_parts(kernel, dtype)
+  lw = kernel if isinstance(kernel, LoraWeight) else None
   x = x.astype(dtype)
   lead, ins = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
-  if tuple(w.shape[:n_in]) != tuple(ins):
-    raise ValueError(f"kernel input axes {tuple(w.shape[:n_in])} do not match the input's {tuple(ins)}")
-  outs = w.shape[n_in:]
+  # a quantized kernel sliced by nn.scan reports its shape through _local()
+  shape = tuple(base._local().shape if hasattr(base, "_local") else base.shape)
+  if shape[:n_in] != tuple(ins):
+    raise ValueError(f"kernel input axes {shape[:n_in]} do not match the input's {tuple(ins)}")
+  outs = shape[n_in:]
   x2 = x.reshape(-1, math.prod(ins))
-  w2 = w.reshape(x2.shape[1], -1)
   if lw is None:
-    y = jnp.dot(x2, w2, precision=precision)
+    y = jnp.dot(x2, _w2(base, dtype, x2.shape[1]), precision=precision)
   else:
+    _note(lw.path)
     r = lw.a.shape[-1]
     a2, b2 = lw.a.astype(dtype).reshape(-1, r), lw.b.astype(dtype).reshape(r, -1)
     if a2.shape[0] != x2.shape[1]:
       raise ValueError(f"LoRA A for {lw.path!r} has {a2.shape[0]} input features but the layer gets {x2.shape[1]}")
     xd = _dropout(x2, lw.dropout, rng, lw.path)
-    y = lora_matmul(x2, xd, w2, a2, b2, lw.scale, precision)
+    y = lora_matmul(x2, xd, base, a2, b2, lw.scale, precision, dtype)
   y = y.reshape(lead + tuple(outs))
   if bias is not None:
     y = y + bias.astype(dtype)
