@@ -182,11 +182,14 @@ class GPT2LMHeadModel(nn.Module):
   param_dtype: Any = jnp.float32  # parameter dtype at init
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, cache=None, index=0):
+  def __call__(self, input_ids, attention_mask=None, cache=None, index=0, logits_index=None):
     b, s = input_ids.shape
     mask, positions = mask_and_positions(input_ids, attention_mask, cache, index)
     tr = GPT2Model(self.config, dtype=self.dtype, param_dtype=self.param_dtype, name="transformer")
     x, cache = tr(input_ids, mask, positions, cache, index)
+    if logits_index is not None:  # logits only where needed (see LlamaForCausalLM)
+      x = jnp.take_along_axis(x, logits_index[..., None], axis=1)
+      s = logits_index.shape[1]
     logits = tr.logits(x.reshape(b * s, -1))
     return logits.reshape(b, s, -1).astype(logits_dtype(self.dtype)), cache
 

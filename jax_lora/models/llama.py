@@ -348,12 +348,17 @@ class LlamaForCausalLM(nn.Module):
   param_dtype: Any = jnp.float32  # parameter dtype at init
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, cache=None, index=0):
+  def __call__(self, input_ids, attention_mask=None, cache=None, index=0, logits_index=None):
+    """``logits_index`` (b, k) int, optional: compute logits only at these positions
+    (returns (b, k, vocab)); training on completions skips most of the LM head."""
     c = self.config
     b, s = input_ids.shape
     mask, positions = mask_and_positions(input_ids, attention_mask, cache, index)
     model = LlamaModel(c, dtype=self.dtype, param_dtype=self.param_dtype, name="model")
     x, cache = model(input_ids, mask, positions, cache, index)
+    if logits_index is not None:
+      x = jnp.take_along_axis(x, logits_index[..., None], axis=1)
+      s = logits_index.shape[1]
     x = x.reshape(b * s, -1)
     if c.tie_word_embeddings:
       logits = model.logits_tied(x)
