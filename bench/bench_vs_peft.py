@@ -3,7 +3,10 @@
 Usage: python bench/bench_vs_peft.py [--steps 5] [--rounds 2] [--batch 8] [--seq 96] [--rank 16]
 
 SmolLM2-135M-Instruct (the shipped GGUF, dequantized to fp32 and written once as
-an HF folder), LoRA r=16 α=32 on all 7 linear projections, AdamW. Both sides
+an HF folder), LoRA r=16 α=32 on all 7 linear projections, AdamW, prompt/completion
+rows with the loss on the last 40% of tokens (PEFT: labels -100 on the prompt, as
+the HF Trainer does; jax-lora: the LM head only at those positions, as `jax-lora
+train` does). Both sides
 run in this process, interleaved in rounds (drift cancels); prints median
 step times and the ratio ours / PEFT (target < 1).
 """
@@ -24,7 +27,7 @@ import numpy as np  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def torch_side(folder, ids, mask, rank, alpha, lr):
+def torch_side(folder, ids, mask, loss_mask, rank, alpha, lr):
   import torch
   from peft import LoraConfig, get_peft_model
   from transformers import AutoModelForCausalLM
@@ -36,9 +39,10 @@ def torch_side(folder, ids, mask, rank, alpha, lr):
   model.train()
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
   ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+  labels = torch.where(torch.tensor(loss_mask) > 0, ids_t, torch.tensor(-100))  # prompt tokens ignored
 
   def step():
-    out = model(input_ids=ids_t, attention_mask=mask_t, labels=ids_t)
+    out = model(input_ids=ids_t, attention_mask=mask_t, labels=labels)
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -47,7 +51,7 @@ def torch_side(folder, ids, mask, rank, alpha, lr):
   return step
 
 
-def jax_side(folder, ids, mask, rank, alpha, lr):
+def jax_side(folder, ids, mask, loss_mask, rank, alpha, lr):
   import jax
   import jax.numpy as jnp
   import optax
@@ -61,16 +65,18 @@ def jax_side(folder, ids, mask, rank, alpha, lr):
   tr, fr = jl.split(jl.init_lora(params, cfg, jax.random.key(0)))
   tx = optax.adamw(lr)
   st = tx.init(tr)
-  ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
+  from train.loop import token_nll, with_loss_targets
+
+  batch = {k: jnp.asarray(v) for k, v in with_loss_targets(
+      {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}).items()}
 
   @jax.jit
   def step_fn(tr, st):
-    def loss_fn(t):
-      logits, _ = jl.linen.apply(model, jl.combine(t, fr), ids_j, mask_j)
-      logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-      nll = -jnp.take_along_axis(logp, ids_j[:, 1:, None], axis=-1)[..., 0]
-      w = mask_j[:, 1:].astype(jnp.float32)
-      return jnp.sum(nll * w) / jnp.sum(w)
+    def loss_fn(t):  # the LM head runs only where the loss needs it (as `jax-lora train` does)
+      logits, _ = jl.linen.apply(model, jl.combine(t, fr), batch["input_ids"], batch["attention_mask"],
+                                 logits_index=batch["logit_pos"])
+      s, n = token_nll(logits, batch["target_ids"], batch["target_w"])
+      return s / n
     loss, g = jax.value_and_grad(loss_fn)(tr)
     upd, st = tx.update(g, st, tr)
     return optax.apply_updates(tr, upd), st, loss
@@ -91,7 +97,7 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=96)
   ap.add_argument("--rank", type=int, default=16)
-  ap.add_argument("--cache", default=os.path.expanduser("~/.cache/jax-lora"))
+  ap.add_argument("--cache", default=None, help="where the HF folder is materialized (default: jax_lora's cache)")
   a = ap.parse_args(argv)
   import torch
 
@@ -102,8 +108,11 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   ids = rng.integers(3, 49152, size=(a.batch, a.seq)).astype(np.int64)
   mask = np.ones_like(ids)
-  sides = {"peft_torch": torch_side(folder, ids, mask, a.rank, 2 * a.rank, 3e-4),
-           "jax_lora": jax_side(folder, ids, mask, a.rank, 2 * a.rank, 3e-4)}
+  # prompt/completion rows like the default task: loss on the last 40% of each row
+  loss_mask = np.zeros_like(ids)
+  loss_mask[:, int(0.6 * a.seq):] = 1
+  sides = {"peft_torch": torch_side(folder, ids, mask, loss_mask, a.rank, 2 * a.rank, 3e-4),
+           "jax_lora": jax_side(folder, ids, mask, loss_mask, a.rank, 2 * a.rank, 3e-4)}
   times = {k: [] for k in sides}
   t0 = time.perf_counter()
   sides["jax_lora"]()  # compile
