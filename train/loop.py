@@ -130,7 +130,8 @@ def make_loss_fn(model: Any, method: str) -> Callable[..., tuple[jax.Array, jax.
   return loss
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+                    put_batch: Callable | None = None) -> Callable:
   """Jitted ``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss)``.
 
   The gradient is of the token-mean loss of the batch, taken w.r.t. ``trainable`` only.
@@ -147,7 +148,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Call
     return optax.apply_updates(trainable, updates), opt_state, loss
 
   def step(trainable, opt_state, frozen, batch, rng):
-    return jitted(trainable, opt_state, frozen, with_loss_targets(batch), rng)
+    batch = with_loss_targets(batch)
+    if put_batch is not None:  # on a mesh: split the batch over the data axes
+      batch = put_batch(batch)
+    return jitted(trainable, opt_state, frozen, batch, rng)
 
   step.jitted = jitted
   return step
@@ -252,6 +256,27 @@ def _restore(mngr, trainable, opt_state):
   return step, rebuild(trainable, got["trainable"]), rebuild(opt_state, got["opt_state"])
 
 
+def _shard(cfg: TrainConfig, tx, trainable, frozen, opt_state):
+  """Places the training state on the config's ``mesh`` (jit then partitions the step, GSPMD).
+
+  Base kernels, A/B (A follows the kernel's input axis, B its output axis) and
+  optimizer moments (like their parameters) follow ``jax_lora.sharding`` rules;
+  batches are split over the data axes.
+  """
+  from jax_lora import sharding as shd
+
+  mesh, rules = shd.mesh_from_config(cfg.mesh)
+  if frozen is None:  # full fine-tuning: every parameter is trainable
+    tr_sh, fr_sh = shd.param_shardings(trainable, rules, mesh), None
+  else:
+    tr_sh, fr_sh = jl.split(shd.param_shardings(jl.combine(trainable, frozen), rules, mesh), bias=cfg.lora.bias)
+  trainable = shd.place(trainable, tr_sh)
+  frozen = None if frozen is None else shd.place(frozen, fr_sh)
+  opt_state = shd.place(opt_state, shd.opt_state_shardings(tx, opt_state, tr_sh, mesh))
+  data = shd.batch_sharding(mesh, rules)
+  return trainable, frozen, opt_state, lambda batch: jax.device_put(batch, data)
+
+
 def _prepare(cfg: TrainConfig, model, params):
   """``(trainable, frozen, gen_params, gen_apply)`` for the method."""
   if cfg.method == "full":
@@ -311,9 +336,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   tx = build_optimizer(cfg.optim, steps)
   opt_state = tx.init(trainable)
   loss_fn = make_loss_fn(model, cfg.method)
-  step_fn = make_train_step(loss_fn, tx)
   mngr = _checkpointer(cfg.out_dir)
   start, trainable, opt_state = _restore(mngr, trainable, opt_state)
+  put_batch = None
+  if cfg.mesh:
+    trainable, frozen, opt_state, put_batch = _shard(cfg, tx, trainable, frozen, opt_state)
+  step_fn = make_train_step(loss_fn, tx, put_batch)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
   _log(cfg.out_dir, {"event": "setup", "model": model_path, "method": cfg.method, "train_examples": len(train_ex),
                      "steps": steps, "trainable_params": n_train, "resumed_from": start,
