@@ -386,6 +386,10 @@ def config_to_dict(cfg: TrainConfig) -> dict:
   return plain(dataclasses.asdict(cfg))
 
 
+# The main job's config (German→English LoRA on the shipped SmolLM2), read when no path is given.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.yaml")
+
+
 def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> TrainConfig:
   """Reads a YAML config (or the defaults when ``path`` is None) and applies overrides.
 
@@ -402,6 +406,8 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), c
     ValueError: unknown key (with the closest known key), bad value, missing file.
   """
   raw: Any = {}
+  if path is None and os.path.isfile(DEFAULT_CONFIG):
+    path = DEFAULT_CONFIG  # `jax-lora train` with no argument runs the shipped default job
   if path is not None:
     if not os.path.isfile(path):
       raise ValueError(f"config file {path!r} does not exist")

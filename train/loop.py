@@ -131,7 +131,7 @@ def make_loss_fn(model: Any, method: str) -> Callable[..., tuple[jax.Array, jax.
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    put_batch: Callable | None = None) -> Callable:
+                    put_batch: Callable | None = None, loss_bucket: int = 16) -> Callable:
   """Jitted ``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss)``.
 
   The gradient is of the token-mean loss of the batch, taken w.r.t. ``trainable`` only.
@@ -148,7 +148,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     return optax.apply_updates(trainable, updates), opt_state, loss
 
   def step(trainable, opt_state, frozen, batch, rng):
-    batch = with_loss_targets(batch)
+    batch = with_loss_targets(batch, loss_bucket)  # one k for most batches: few recompiles
     if put_batch is not None:  # on a mesh: split the batch over the data axes
       batch = put_batch(batch)
     return jitted(trainable, opt_state, frozen, batch, rng)
@@ -341,7 +341,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   put_batch = None
   if cfg.mesh:
     trainable, frozen, opt_state, put_batch = _shard(cfg, tx, trainable, frozen, opt_state)
-  step_fn = make_train_step(loss_fn, tx, put_batch)
+  step_fn = make_train_step(loss_fn, tx, put_batch, loss_bucket=max(16, cfg.seq_len // 2))
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
   _log(cfg.out_dir, {"event": "setup", "model": model_path, "method": cfg.method, "train_examples": len(train_ex),
                      "steps": steps, "trainable_params": n_train, "resumed_from": start,
