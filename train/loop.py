@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 
 import jax_lora as jl
 from train import data as td
@@ -218,7 +220,8 @@ _validation_loss.cache = {}
 
 
 def _log(out_dir: str, record: dict) -> None:
-  print(json.dumps(record), flush=True)
+  if not sys.stderr.isatty():  # plain lines when not on a terminal (a progress bar otherwise)
+    print(json.dumps(record), flush=True)
   with open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
     f.write(json.dumps(record) + "\n")
 
@@ -345,6 +348,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
   _log(cfg.out_dir, {"event": "setup", "model": model_path, "method": cfg.method, "train_examples": len(train_ex),
                      "steps": steps, "trainable_params": n_train, "resumed_from": start,
+                     "total_params": n_train if frozen is None else jl.param_report(jl.combine(trainable, frozen)).total,
                      "setup_s": round(time.perf_counter() - t0, 1)})
 
   def current_gen_params():
@@ -362,28 +366,50 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       before.update(scores, eval_s=round(time.perf_counter() - t, 1), samples=hyps[:5])
     with open(before_path, "w", encoding="utf-8") as f:
       json.dump(before, f, indent=1)
-    _log(cfg.out_dir, {"event": "before", **{k: v for k, v in before.items() if k != "samples"}})
+    if "validation_loss" in before:
+      before["val_loss"] = before["validation_loss"]
+    _log(cfg.out_dir, {"event": "before", "step": 0, **{k: v for k, v in before.items() if k != "samples"}})
   with open(before_path, encoding="utf-8") as f:
     results["before"] = json.load(f)
 
   base_key = jax.random.key(cfg.seed + 1)
   t_train, losses = time.perf_counter(), []
+  timed, tokens, compile_s = [], 0, 0.0
+  bar = tqdm.tqdm(total=steps, initial=start, desc="train", unit="step") if sys.stderr.isatty() else None
   for step in range(start, steps):
     for k in range(accum):
       micro = step * accum + k
       batch = {n: jnp.asarray(v) for n, v in batcher.batch_at(micro).items() if n != "segment_ids"}
+      n_compiled = step_fn.jitted._cache_size()
+      t = time.perf_counter()
       trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(base_key, micro))
+      jax.block_until_ready(loss)
+      dt = time.perf_counter() - t
+      if step_fn.jitted._cache_size() > n_compiled:  # this call compiled: report it apart
+        compile_s += dt
+        _log(cfg.out_dir, {"event": "compile", "step": step + 1, "compile_s": round(dt, 2),
+                           "shape": list(batch["input_ids"].shape)})
+      else:
+        timed.append(dt)
+        tokens += int(np.asarray(batch["attention_mask"]).sum())
       losses.append(loss)
     done = step + 1
+    if bar is not None:
+      bar.update(1)
+      bar.set_postfix(loss=f"{float(loss):.3f}")
     if done % cfg.log_every == 0 or done == steps:
       mean = float(np.mean([float(x) for x in losses]))
       losses = []
-      _log(cfg.out_dir, {"event": "train", "step": done, "loss": round(mean, 4),
-                         "lr": float(lr_schedule(cfg.optim, steps)(done - 1)),
-                         "elapsed_s": round(time.perf_counter() - t_train, 1)})
+      row = {"event": "train", "step": done, "loss": round(mean, 4),
+             "lr": float(lr_schedule(cfg.optim, steps)(done - 1)),
+             "elapsed_s": round(time.perf_counter() - t_train, 1)}
+      if timed:  # the jitted step alone, result blocked on; compiles excluded
+        row.update(step_time_s=round(float(np.mean(timed)) * accum, 4), tokens_per_s=round(tokens / sum(timed), 1))
+      timed, tokens = [], 0
+      _log(cfg.out_dir, row)
     if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == steps):
-      _log(cfg.out_dir, {"event": "validation", "step": done,
-                         "validation_loss": round(_validation_loss(loss_fn, trainable, frozen, val_batches), 4)})
+      vl = round(_validation_loss(loss_fn, trainable, frozen, val_batches), 4)
+      _log(cfg.out_dir, {"event": "validation", "step": done, "val_loss": vl, "validation_loss": vl})
     if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
       _save(mngr, done, trainable, opt_state)
   train_s = time.perf_counter() - t_train
@@ -398,9 +424,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                  s_per_step=round(train_s / max(steps - start, 1), 3),
                  references=[r["completion"].strip() for r in test_rows[:5]])
   _export(cfg, model, mcfg, trainable, frozen, model_path)
-  _log(cfg.out_dir, {"event": "after", **{k: v for k, v in after.items() if k != "samples"}, "train_s": results["train_s"]})
+  if bar is not None:
+    bar.close()
+  results["compile_s"] = round(compile_s, 1)
+  if "validation_loss" in after:
+    after["val_loss"] = after["validation_loss"]
+  _log(cfg.out_dir, {"event": "after", "step": steps, **{k: v for k, v in after.items() if k != "samples"},
+                     "train_s": results["train_s"], "compile_s": results["compile_s"]})
   with open(os.path.join(cfg.out_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
+  from train.report import write_curves, write_report
+
+  write_report(cfg, results)
+  write_curves(cfg.out_dir)
   return results
 
 
