@@ -138,13 +138,14 @@ def _rewrap(x, new):
 
 def _map(fn: Callable[[str, Any], Any], tree, *rest):
   """Maps ``fn(path, value)`` over leaves; LoraWeights, quantized arrays and nnx
-  Variables are single leaves (Variables are unwrapped and re-wrapped)."""
+  Variables are single leaves (Variables are unwrapped and re-wrapped). ``None``
+  (from the tree or from ``fn``) is a placeholder and stays ``None``."""
 
   def f(kp, x, *xs):
     if x is None:
       return None
     out = fn(path_str(kp), _value(x), *[_value(y) for y in xs])
-    return _rewrap(x, out)
+    return None if out is None else _rewrap(x, out)
 
   return jax.tree_util.tree_map_with_path(f, tree, *rest, is_leaf=_is_leaf)
 
@@ -269,17 +270,7 @@ def split(adapted: Any, bias: str = "none") -> tuple[Any, Any]:
       return dataclasses.replace(v, a=None, b=None)
     return None if path in bias_paths else v
 
-  return _split_map(trainable, adapted), _split_map(frozen, adapted)
-
-
-def _split_map(fn, tree):
-  def f(kp, x):
-    if x is None:
-      return None
-    out = fn(path_str(kp), _value(x))
-    return None if out is None else _rewrap(x, out)
-
-  return jax.tree_util.tree_map_with_path(f, tree, is_leaf=_is_leaf)
+  return _map(trainable, adapted), _map(frozen, adapted)
 
 
 def combine(trainable: Any, frozen: Any) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 
 import optax
 
-from jax_lora.lora import LoraWeight, _split_map, _trainable_bias_paths
+from jax_lora.lora import LoraWeight, _map, _trainable_bias_paths
 
 __all__ = ["lora_optimizer"]
 
@@ -20,7 +20,7 @@ def _labels(adapted: Any, bias: str) -> Any:
       return dataclasses.replace(v, w="frozen", a="lora", b="lora")
     return "lora" if path in bias_paths else "frozen"
 
-  return _split_map(lab, adapted)
+  return _map(lab, adapted)
 
 
 def lora_optimizer(tx: optax.GradientTransformation, bias: str = "none") -> optax.GradientTransformation:
