@@ -20,7 +20,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_lora import ops
 from jax_lora.lora import LoraWeight, _leaves, _map, is_quantized, materialize
@@ -39,38 +38,25 @@ def _bias(m: nn.Module):
   return m.get_variable("params", "bias") if getattr(m, "use_bias", False) else None
 
 
-def _dtype(m, x, kernel):
-  base = kernel.w if isinstance(kernel, LoraWeight) else kernel
-  if m.dtype is not None:
-    return m.dtype
-  return x.dtype if is_quantized(base) else jnp.result_type(x.dtype, base.dtype)
-
-
 def _call_dense(m: nn.Dense, kernel, x, rng):
-  dt = _dtype(m, x, kernel)
-  return ops.dense(x, kernel, _bias(m), n_in=1, dtype=dt, precision=m.precision, rng=rng)
+  return ops.dense(x, kernel, _bias(m), n_in=1, dtype=m.dtype, precision=m.precision, rng=rng)
 
 
 def _call_dense_general(m: nn.DenseGeneral, kernel, x, rng):
   if m.batch_dims not in ((), None):
     return None
   axis = m.axis if isinstance(m.axis, tuple) else (m.axis,)
-  axis = tuple(a % x.ndim for a in axis)
-  rest = [i for i in range(x.ndim) if i not in axis]
-  xt = jnp.transpose(x, rest + list(axis)) if list(axis) != list(range(x.ndim - len(axis), x.ndim)) else x
-  dt = _dtype(m, x, kernel)
-  return ops.dense(xt, kernel, _bias(m), n_in=len(axis), dtype=dt, precision=m.precision, rng=rng)
+  return ops.dense_general(x, kernel, _bias(m), axis, dtype=m.dtype, precision=m.precision, rng=rng)
 
 
 def _call_einsum(m: nn.Einsum, kernel, x, rng, einsum_str=None):
   spec = (einsum_str or m.einsum_str or "").replace(" ", "")
   if ops._parse_einsum(spec) is None:
     return None
-  dt = _dtype(m, x, kernel)
-  y = ops.einsum(spec, x, kernel, dtype=dt, precision=m.precision, rng=rng)
+  y = ops.einsum(spec, x, kernel, dtype=m.dtype, precision=m.precision, rng=rng)
   if m.use_bias:
     _, bshape = m._get_bias_shape(spec, x, jax.ShapeDtypeStruct(kernel.shape, jnp.float32))
-    y = y + jnp.reshape(m.get_variable("params", "bias").astype(dt), bshape)
+    y = y + jnp.reshape(m.get_variable("params", "bias").astype(y.dtype), bshape)
   return y
 
 
@@ -84,9 +70,10 @@ def _interceptor(next_fun, args, kwargs, context):
   handler = _handler(m) if context.method_name == "__call__" else None
   if handler is None or not m.has_variable("params", "kernel"):
     return next_fun(*args, **kwargs)
-  mode = getattr(_local, "mode", None)
-  if mode is not None and mode[0] == "probe":
-    mode[1].add(_module_path(m) + "/kernel")
+  probe = getattr(_local, "probe", None)
+  if probe is not None:  # shape-only probe: which kernels can the fast path take?
+    seen, bad = probe
+    (bad if _unsupported(m, args[1:], kwargs) else seen).add(_module_path(m) + "/kernel")
     return next_fun(*args, **kwargs)
   kernel = m.get_variable("params", "kernel")
   if not isinstance(kernel, LoraWeight) and not is_quantized(kernel):
@@ -132,16 +119,18 @@ def _plain(adapted):
   return _map(lambda p, v: jax.ShapeDtypeStruct(v.shape, jnp.float32) if _special(v) else v, adapted)
 
 
-def _intercepted_paths(model, adapted, args, kwargs, method) -> set[str]:
+def _intercepted_paths(model, adapted, args, kwargs, method) -> tuple[set[str], set[str]]:
+  """Kernels of interceptable layers, split into (computable, unsupported call), by one trace."""
   seen: set[str] = set()
-  prev = getattr(_local, "mode", None)
-  _local.mode = ("probe", seen)
+  bad: set[str] = set()
+  prev = getattr(_local, "probe", None)
+  _local.probe = (seen, bad)
   try:
     with nn.intercept_methods(_interceptor):
       jax.eval_shape(lambda p: model.apply({"params": p}, *args, method=method, **kwargs), _plain(adapted))
   finally:
-    _local.mode = prev
-  return seen
+    _local.probe = prev
+  return seen, bad
 
 
 _probe_cache: dict[Any, frozenset] = {}
@@ -174,8 +163,7 @@ def _unsupported(m, args, kwargs) -> bool:
 def _probe(model, adapted, args, kwargs, method) -> frozenset:
   key = _cache_key(model, adapted, args, kwargs, method)
   if key not in _probe_cache:
-    seen = _intercepted_paths(model, adapted, args, kwargs, method)
-    bad = _unsupported_paths(model, adapted, args, kwargs, method)
+    seen, bad = _intercepted_paths(model, adapted, args, kwargs, method)
     special = {p for p, v in _leaves(adapted).items() if _special(v)}
     if special - (seen - bad) and not bad and _runs_as_is(model, adapted, args, kwargs, method):
       # the rest reach jax_lora.dot (hand-written layers) or are unused: keep them all
@@ -192,20 +180,6 @@ def _runs_as_is(model, adapted, args, kwargs, method) -> bool:
     return True
   except Exception:  # noqa: BLE001 - any failure means "not as is": merge those kernels
     return False
-
-
-def _unsupported_paths(model, adapted, args, kwargs, method) -> set[str]:
-  bad: set[str] = set()
-
-  def spy(next_fun, a, k, context):
-    m = context.module
-    if context.method_name == "__call__" and _handler(m) is not None and _unsupported(m, a[1:] if a else (), k):
-      bad.add(_module_path(m) + "/kernel")
-    return next_fun(*a, **k)
-
-  with nn.intercept_methods(spy):
-    jax.eval_shape(lambda p: model.apply({"params": p}, *args, method=method, **kwargs), _plain(adapted))
-  return bad
 
 
 def _fallback(adapted, fast: frozenset):

@@ -29,41 +29,30 @@ def _special(k) -> bool:
   return isinstance(k, LoraWeight) or is_quantized(k)
 
 
-def _dtype(m, x, kernel):
-  base = kernel.w if isinstance(kernel, LoraWeight) else kernel
-  if m.dtype is not None:
-    return m.dtype
-  return x.dtype if is_quantized(base) else jnp.result_type(x.dtype, base.dtype)
-
-
 def _bias(m):
   return m.bias.get_value() if m.bias is not None else None
 
 
 def _linear(m, kernel, x):
-  return ops.dense(x, kernel, _bias(m), n_in=1, dtype=_dtype(m, x, kernel), precision=m.precision,
+  return ops.dense(x, kernel, _bias(m), n_in=1, dtype=m.dtype, precision=m.precision,
                    rng=getattr(_local, "rng", None))
 
 
 def _linear_general(m, kernel, x):
   if m.batch_axis:
     return None
-  axis = tuple(a % x.ndim for a in m.axis)
-  rest = [i for i in range(x.ndim) if i not in axis]
-  xt = jnp.transpose(x, rest + list(axis))
-  return ops.dense(xt, kernel, _bias(m), n_in=len(axis), dtype=_dtype(m, x, kernel), precision=m.precision,
-                   rng=getattr(_local, "rng", None))
+  return ops.dense_general(x, kernel, _bias(m), tuple(m.axis), dtype=m.dtype, precision=m.precision,
+                           rng=getattr(_local, "rng", None))
 
 
 def _einsum(m, kernel, x, einsum_str=None):
   spec = (einsum_str or m.einsum_str or "").replace(" ", "")
   if ops._parse_einsum(spec) is None:
     return None
-  dt = _dtype(m, x, kernel)
-  y = ops.einsum(spec, x, kernel, dtype=dt, precision=m.precision, rng=getattr(_local, "rng", None))
+  y = ops.einsum(spec, x, kernel, dtype=m.dtype, precision=m.precision, rng=getattr(_local, "rng", None))
   if m.bias is not None:
     bshape = m._infer_broadcasted_bias_shape(spec, x, jax.ShapeDtypeStruct(kernel.shape, jnp.float32))
-    y = y + jnp.reshape(_bias(m).astype(dt), bshape)
+    y = y + jnp.reshape(_bias(m).astype(y.dtype), bshape)
   return y
 
 

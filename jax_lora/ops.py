@@ -19,7 +19,7 @@ import numpy as np
 
 from jax_lora.lora import LoraWeight, is_quantized, materialize
 
-__all__ = ["dot", "dense", "einsum", "lora_matmul"]
+__all__ = ["dot", "dense", "dense_general", "einsum", "lora_matmul"]
 
 _state = threading.local()
 
@@ -129,6 +129,14 @@ def _kernel_parts(kernel: Any, dtype) -> tuple[jax.Array, LoraWeight | None]:
   return materialize(kernel, dtype), None
 
 
+def _compute_dtype(x: jax.Array, base: Any, dtype=None):
+  """``dtype`` if given, else Flax's default: the promoted type of input and kernel
+  (a quantized kernel takes the input's dtype)."""
+  if dtype is not None:
+    return dtype
+  return x.dtype if is_quantized(base) else jnp.result_type(x.dtype, base.dtype)
+
+
 def dense(x: jax.Array, kernel: Any, bias: jax.Array | None = None, *, n_in: int = 1, dtype=None,
           precision=None, rng: jax.Array | None = None) -> jax.Array:
   """Contracts the last ``n_in`` axes of ``x`` with the leading ``n_in`` axes of ``kernel``.
@@ -138,8 +146,7 @@ def dense(x: jax.Array, kernel: Any, bias: jax.Array | None = None, *, n_in: int
   dtype (default: the result type of ``x`` and the kernel, like Flax).
   """
   base = kernel.w if isinstance(kernel, LoraWeight) else kernel
-  if dtype is None:
-    dtype = x.dtype if is_quantized(base) else jnp.result_type(x.dtype, base.dtype)
+  dtype = _compute_dtype(x, base, dtype)
   lw = kernel if isinstance(kernel, LoraWeight) else None
   x = x.astype(dtype)
   lead, ins = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
@@ -163,6 +170,17 @@ def dense(x: jax.Array, kernel: Any, bias: jax.Array | None = None, *, n_in: int
   if bias is not None:
     y = y + bias.astype(dtype)
   return y
+
+
+def dense_general(x: jax.Array, kernel: Any, bias: jax.Array | None, axis: tuple[int, ...], *, dtype=None,
+                  precision=None, rng: jax.Array | None = None) -> jax.Array:
+  """Contracts the ``axis`` axes of ``x`` (any positions) with the leading kernel axes
+  (Linen ``DenseGeneral`` / NNX ``LinearGeneral`` without batch axes)."""
+  axis = tuple(a % x.ndim for a in axis)
+  rest = [i for i in range(x.ndim) if i not in axis]
+  if list(axis) != list(range(x.ndim - len(axis), x.ndim)):
+    x = jnp.transpose(x, rest + list(axis))
+  return dense(x, kernel, bias, n_in=len(axis), dtype=dtype, precision=precision, rng=rng)
 
 
 def dot(x: jax.Array, w: Any, *, rng: jax.Array | None = None, precision=None) -> jax.Array:
@@ -201,8 +219,7 @@ def einsum_layout(spec: str) -> str | None:
 def einsum(spec: str, x: jax.Array, kernel: Any, *, dtype=None, precision=None, rng=None) -> jax.Array:
   """``jnp.einsum(spec, x, kernel)`` with a plain, quantized or LoRA kernel, unmerged."""
   base = kernel.w if isinstance(kernel, LoraWeight) else kernel
-  if dtype is None:
-    dtype = x.dtype if is_quantized(base) else jnp.result_type(x.dtype, base.dtype)
+  dtype = _compute_dtype(x, base, dtype)
   w, lw = _kernel_parts(kernel, dtype)
   x = x.astype(dtype)
   y = jnp.einsum(spec, x, w, precision=precision)
