@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -354,20 +353,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   def current_gen_params():
     return {"params": trainable} if cfg.method == "full" else jl.combine(trainable, frozen)
 
-  results: dict[str, Any] = {"steps": steps, "trainable_params": n_train}
-  before_path = os.path.join(cfg.out_dir, "before.json")
-  if start == 0 or not os.path.exists(before_path):
-    before: dict[str, Any] = {}
+  def evaluate() -> dict[str, Any]:
+    """Validation loss and test-set scores of the current weights (before / after training)."""
+    out: dict[str, Any] = {}
     if val_batches:
-      before["validation_loss"] = _validation_loss(loss_fn, trainable, frozen, val_batches)
+      out["validation_loss"] = out["val_loss"] = _validation_loss(loss_fn, trainable, frozen, val_batches)
     if test_rows:
       t = time.perf_counter()
       scores, hyps = _test_scores(cfg, model, current_gen_params(), gen_apply, tok, test_rows)
-      before.update(scores, eval_s=round(time.perf_counter() - t, 1), samples=hyps[:5])
+      out.update(scores, eval_s=round(time.perf_counter() - t, 1), samples=hyps[:5])
+    return out
+
+  results: dict[str, Any] = {"steps": steps, "trainable_params": n_train}
+  before_path = os.path.join(cfg.out_dir, "before.json")
+  if start == 0 or not os.path.exists(before_path):
+    before = evaluate()
     with open(before_path, "w", encoding="utf-8") as f:
       json.dump(before, f, indent=1)
-    if "validation_loss" in before:
-      before["val_loss"] = before["validation_loss"]
     _log(cfg.out_dir, {"event": "before", "step": 0, **{k: v for k, v in before.items() if k != "samples"}})
   with open(before_path, encoding="utf-8") as f:
     results["before"] = json.load(f)
@@ -375,6 +377,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   base_key = jax.random.key(cfg.seed + 1)
   t_train, losses = time.perf_counter(), []
   timed, tokens, compile_s = [], 0, 0.0
+  schedule = lr_schedule(cfg.optim, steps)
   bar = tqdm.tqdm(total=steps, initial=start, desc="train", unit="step") if sys.stderr.isatty() else None
   for step in range(start, steps):
     for k in range(accum):
@@ -401,7 +404,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       mean = float(np.mean([float(x) for x in losses]))
       losses = []
       row = {"event": "train", "step": done, "loss": round(mean, 4),
-             "lr": float(lr_schedule(cfg.optim, steps)(done - 1)),
+             "lr": float(schedule(done - 1)),
              "elapsed_s": round(time.perf_counter() - t_train, 1)}
       if timed:  # the jitted step alone, result blocked on; compiles excluded
         row.update(step_time_s=round(float(np.mean(timed)) * accum, 4), tokens_per_s=round(tokens / sum(timed), 1))
@@ -413,13 +416,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
       _save(mngr, done, trainable, opt_state)
   train_s = time.perf_counter() - t_train
-  after: dict[str, Any] = {}
-  if val_batches:
-    after["validation_loss"] = _validation_loss(loss_fn, trainable, frozen, val_batches)
-  if test_rows:
-    t = time.perf_counter()
-    scores, hyps = _test_scores(cfg, model, current_gen_params(), gen_apply, tok, test_rows)
-    after.update(scores, eval_s=round(time.perf_counter() - t, 1), samples=hyps[:5])
+  after = evaluate()
   results.update(after=after, train_s=round(train_s, 1), steps_run=steps - start,
                  s_per_step=round(train_s / max(steps - start, 1), 3),
                  references=[r["completion"].strip() for r in test_rows[:5]])
@@ -427,8 +424,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   if bar is not None:
     bar.close()
   results["compile_s"] = round(compile_s, 1)
-  if "validation_loss" in after:
-    after["val_loss"] = after["validation_loss"]
   _log(cfg.out_dir, {"event": "after", "step": steps, **{k: v for k, v in after.items() if k != "samples"},
                      "train_s": results["train_s"], "compile_s": results["compile_s"]})
   with open(os.path.join(cfg.out_dir, "results.json"), "w", encoding="utf-8") as f:
