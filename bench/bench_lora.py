@@ -14,11 +14,8 @@ run (the machine is shared and noisy; absolute times drift, ratios less so):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,18 +25,7 @@ import optax  # noqa: E402
 
 import jax_lora as jl  # noqa: E402
 from bench.model import BenchConfig, make  # noqa: E402
-
-
-def _timeit(fn, args, steps):
-  """Median seconds of ``steps`` calls, result blocked on; compile excluded."""
-  out = fn(*args)
-  jax.block_until_ready(out)
-  ts = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t)
-  return ts
+from bench.timing import interleaved_medians, write_json  # noqa: E402
 
 
 def build(cfg: BenchConfig):
@@ -120,12 +106,7 @@ def main(argv=None):
   ap.add_argument("--json", help="also write results here")
   a = ap.parse_args(argv)
   cfg = BenchConfig(layers=a.layers, d_model=a.d_model, batch=a.batch, seq=a.seq)
-  cases = build(cfg)
-  times = {k: [] for k in cases}
-  for _ in range(a.rounds):
-    for name, (fn, args) in cases.items():
-      times[name] += _timeit(fn, args, a.steps)
-  med = {k: statistics.median(v) for k, v in times.items()}
+  med = interleaved_medians(build(cfg), a.steps, a.rounds)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {cfg}")
   print(f"{'case':<20} {'median ms':>10}")
   for k, v in med.items():
@@ -137,9 +118,7 @@ def main(argv=None):
     results["ratios"][label] = r
     verdict = "" if target is None else (f"  target <= {target:.2f}: " + ("PASS" if r <= target else "FAIL"))
     print(f"{label:<26} {r:6.3f}{verdict}")
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(results, f, indent=1)
+  write_json(a.json, results)
   return results
 
 

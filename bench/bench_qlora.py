@@ -11,9 +11,7 @@ times and qlora / lora (target ≤ 1.15), plus the forward-only ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import jax_lora as jl  # noqa: E402
-from bench.bench_lora import _timeit  # noqa: E402
+from bench.timing import interleaved_medians, write_json  # noqa: E402
 from bench.model import BenchConfig, make  # noqa: E402
 from jax_lora import quant as Q  # noqa: E402
 
@@ -64,11 +62,7 @@ def main(argv=None):
   a = ap.parse_args(argv)
   cfg = BenchConfig(layers=a.layers)
   cases, bits = build(cfg)
-  times = {k: [] for k in cases}
-  for _ in range(a.rounds):
-    for name, (fn, args) in cases.items():
-      times[name] += _timeit(fn, args, a.steps)
-  med = {k: statistics.median(v) for k, v in times.items()}
+  med = interleaved_medians(cases, a.steps, a.rounds)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {cfg}")
   for k, v in med.items():
     print(f"{k:<12} {1e3 * v:8.1f} ms")
@@ -78,9 +72,7 @@ def main(argv=None):
   print(f"fwd qlora / fwd lora {rf:6.3f}")
   print(f"stored bits/param of the quantized kernels: {bits.bits_per_param:.4f}")
   res = {"median_s": med, "qlora/lora": r, "fwd_qlora/fwd_lora": rf, "bits_per_param": bits.bits_per_param}
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(res, f, indent=2)
+  write_json(a.json, res)
   return res
 
 

@@ -15,7 +15,6 @@ All numbers come from one run on this machine:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.timing import write_json  # noqa: E402
 from jax_lora import quant as Q  # noqa: E402
 
 
@@ -105,9 +105,7 @@ def main(argv=None):
     print(f"SmolLM2-135M linear weights ({res['linear_tensors']} tensors, {res['linear_params']:,} params):")
     print(f"  stored bits/param with double quant    {res['bits_per_param_dq=True']:.4f}  (target <= 4.13)")
     print(f"  stored bits/param without double quant {res['bits_per_param_dq=False']:.4f}  (target <= 4.51)")
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(res, f, indent=2)
+  write_json(a.json, res)
   return res
 
 

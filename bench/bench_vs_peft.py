@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -23,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+
+from bench.timing import interleaved_medians  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -113,18 +114,10 @@ def main(argv=None):
   loss_mask[:, int(0.6 * a.seq):] = 1
   sides = {"peft_torch": torch_side(folder, ids, mask, loss_mask, a.rank, 2 * a.rank, 3e-4),
            "jax_lora": jax_side(folder, ids, mask, loss_mask, a.rank, 2 * a.rank, 3e-4)}
-  times = {k: [] for k in sides}
   t0 = time.perf_counter()
   sides["jax_lora"]()  # compile
   compile_s = time.perf_counter() - t0
-  sides["peft_torch"]()  # warm-up
-  for _ in range(a.rounds):
-    for name, step in sides.items():
-      for _ in range(a.steps):
-        t = time.perf_counter()
-        step()
-        times[name].append(time.perf_counter() - t)
-  med = {k: statistics.median(v) for k, v in times.items()}
+  med = interleaved_medians({k: (step, ()) for k, step in sides.items()}, a.steps, a.rounds)
   print(f"SmolLM2-135M, LoRA r={a.rank} all linear, batch {a.batch} x seq {a.seq}, fp32, AdamW")
   print(f"jax-lora compile (excluded): {compile_s:.1f} s")
   for k, v in med.items():
