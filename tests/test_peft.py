@@ -19,7 +19,7 @@ peft = pytest.importorskip("peft")
 import jax_lora as jl  # noqa: E402
 from jax_lora import adapters as jla  # noqa: E402
 from jax_lora.models import load_hf  # noqa: E402
-from jax_lora.peft import load_peft, read_peft, save_peft  # noqa: E402
+from jax_lora.peft import load_peft, save_peft  # noqa: E402
 
 WORDS = "the a cat dog sat on mat ran fast slow red blue big small and then it was very happy sad".split()
 TEXTS = ["the cat sat on the mat", "a dog ran fast", "the big red dog was very happy and then it sat",
