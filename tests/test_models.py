@@ -86,6 +86,35 @@ def test_logits_match_torch_padded_batch(tiny, name):
   np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_packed_segments_equal_separate_examples(tiny, name):
+  """A row packing three examples (segment ids in the mask) gives each example the logits
+  it has alone: no attention across examples, positions restart at every example."""
+  model, params, _ = hf.load_hf(tiny[name][1])
+  lengths = [5, 3, 6]
+  rng = np.random.RandomState(1)
+  examples = [rng.randint(3, VOCAB, (1, n)) for n in lengths]
+  row = np.concatenate([*[e[0] for e in examples], np.zeros(2, np.int64)])[None]  # + 2 padding slots
+  seg = np.concatenate([np.full(n, k) for k, n in enumerate(lengths, 1)] + [np.zeros(2, np.int64)])[None]
+  packed = _logits(model, params, row, seg)[0]
+  at = 0
+  for e in examples:
+    alone = _logits(model, params, e)[0]
+    np.testing.assert_allclose(packed[at:at + e.shape[1]], alone, atol=1e-5, rtol=0)
+    at += e.shape[1]
+  flat = _logits(model, params, row, (seg > 0).astype(np.int64))[0]  # a 1/0 mask: one long sequence
+  assert np.abs(flat[lengths[0]:sum(lengths)] - packed[lengths[0]:sum(lengths)]).max() > 1e-3
+
+
+def test_segment_positions_restart():
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(llama.positions_from_segments(seg), [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]])
+  mask = (seg > 0).astype(jnp.int32)
+  valid = np.asarray(mask) > 0
+  np.testing.assert_array_equal(np.asarray(llama.positions_from_segments(mask))[valid],
+                                np.asarray(llama.positions_from_mask(mask))[valid])
+
+
 def test_bf16_compute_close_to_fp32(tiny):
   model32, params, _ = hf.load_hf(tiny["llama"][1])
   model16, params16, _ = hf.load_hf(tiny["llama"][1], dtype=jnp.bfloat16)

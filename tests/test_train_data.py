@@ -220,7 +220,7 @@ def test_bucketing_pads_to_multiple_of_bucket():
 def test_packing_segments_and_loss_mask():
   ex = _examples(30, max_len=12)
   b = td.Batcher(ex, batch_size=2, seq_len=32, pad_id=0, seed=0, packing=True).batch_at(0)
-  for row_ids, seg, loss in zip(b["input_ids"], b["segment_ids"], b["loss_mask"]):
+  for row_ids, seg, loss in zip(b["input_ids"], b["attention_mask"], b["loss_mask"]):
     starts = np.flatnonzero(np.diff(np.concatenate([[0], seg])) != 0)
     starts = [s for s in starts if seg[s] > 0]
     assert all(loss[s] == 0 for s in starts)  # no loss across example boundaries

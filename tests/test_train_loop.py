@@ -118,6 +118,29 @@ def test_gradient_accumulation_matches_big_batch(tiny, tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_packed_batch_loss_equals_separate_examples(tiny):
+  """The training loss of a packed batch = the loss of the same examples padded one per row."""
+  import jax
+
+  import jax_lora as jl
+  from train import data as td
+
+  cfg = _cfg(tiny, "unused")
+  model, params, _, tok, _ = tl.load_model(cfg.model, "float32")
+  tr, fr = jl.split(jl.init_lora(params, tc.lora_config(cfg), jax.random.key(0)))
+  tr = jax.tree.map(lambda x: x + 0.05, tr)  # B != 0: the adapter changes the loss too
+  ex = td.tokenize_rows(tok, td.load_rows(tiny[1]["train"])[:64], 16)
+  batcher = td.Batcher(ex, batch_size=4, seq_len=32, pad_id=0, seed=0, packing=True)
+  packed = batcher.batch_at(0)
+  members = [ex[i] for row in batcher._epoch(0)[0] for i in row]
+  assert len(members) > 4 and packed["attention_mask"].max() > 1  # rows really hold several examples
+  loss_fn = tl.make_loss_fn(model, "lora")
+  s_packed, n_packed = loss_fn(tr, fr, tl.with_loss_targets(packed), None)
+  s_alone, n_alone = loss_fn(tr, fr, td.pad_batch(members, 16, 0), None)
+  assert float(n_packed) == float(n_alone)
+  np.testing.assert_allclose(float(s_packed), float(s_alone), rtol=1e-5)
+
+
 def test_schedule_warmup_then_cosine():
   o = tc.OptimConfig(lr=1.0, warmup_steps=4, schedule="cosine", end_lr_ratio=0.1)
   s = tl.lr_schedule(o, 14)

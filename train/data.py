@@ -6,8 +6,10 @@ like TRL's prompt-completion format). An example is ``(ids, loss_mask)``:
 ``loss_mask[t] = 1`` means token ``t`` is a training target, predicted from
 tokens ``< t`` (so ``loss_mask[0]`` is always 0; the loss shifts by one).
 
-Batches are numpy dicts with ``input_ids``, ``attention_mask``, ``loss_mask``
-(and ``segment_ids`` for packed rows), right-padded. The training order is a
+Batches are numpy dicts with ``input_ids``, ``attention_mask``, ``loss_mask``,
+right-padded. In packed rows ``attention_mask`` holds segment ids (0 = padding,
+1, 2, ... = the examples of the row): the models then keep each example's
+attention to itself and restart its positions at 0, so packing changes no loss. The training order is a
 pure function of ``(seed, step)``: :meth:`Batcher.batch_at` gives the batch of
 any step without replaying earlier ones, so a resumed run sees exactly the
 batches an uninterrupted run would.
@@ -152,17 +154,14 @@ def pack_rows(examples: Sequence[Example], seq_len: int) -> list[list[int]]:
 def _packed_batch(examples: Sequence[Sequence[Example]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   b = len(examples)
   out = pad_batch([Example(np.zeros(0, np.int32), np.zeros(0, np.int32))] * b, seq_len, pad_id)
-  seg = np.zeros((b, seq_len), np.int32)
   for i, row in enumerate(examples):
     at = 0
     for j, ex in enumerate(row, 1):
       n = len(ex)
       out["input_ids"][i, at:at + n] = ex.ids
-      out["attention_mask"][i, at:at + n] = 1
+      out["attention_mask"][i, at:at + n] = j  # segment id: example j attends only to itself
       out["loss_mask"][i, at:at + n] = ex.loss_mask  # loss_mask[0] == 0: no target across examples
-      seg[i, at:at + n] = j
       at += n
-  out["segment_ids"] = seg
   return out
 
 

@@ -382,7 +382,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   for step in range(start, steps):
     for k in range(accum):
       micro = step * accum + k
-      batch = {n: jnp.asarray(v) for n, v in batcher.batch_at(micro).items() if n != "segment_ids"}
+      batch = {n: jnp.asarray(v) for n, v in batcher.batch_at(micro).items()}
       n_compiled = step_fn.jitted._cache_size()
       t = time.perf_counter()
       trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(base_key, micro))
@@ -394,7 +394,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                            "shape": list(batch["input_ids"].shape)})
       else:
         timed.append(dt)
-        tokens += int(np.asarray(batch["attention_mask"]).sum())
+        tokens += int((np.asarray(batch["attention_mask"]) > 0).sum())
       losses.append(loss)
     done = step + 1
     if bar is not None:

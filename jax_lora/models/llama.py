@@ -42,6 +42,7 @@ __all__ = [
     "unstack_layers",
     "attend",
     "positions_from_mask",
+    "positions_from_segments",
 ]
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -148,6 +149,20 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def positions_from_segments(segments: jax.Array) -> jax.Array:
+  """Positions that restart at 0 where each segment starts, for a (batch, seq) mask of
+  segment ids (0 = padding, k > 0 = the k-th example packed in the row).
+
+  A 1/0 mask gives the same positions as :func:`positions_from_mask` at every
+  non-padding token (padding positions are unused).
+  """
+  seg = segments.astype(jnp.int32)
+  idx = jnp.arange(seg.shape[-1], dtype=jnp.int32)
+  prev = jnp.pad(seg[..., :-1], [(0, 0)] * (seg.ndim - 1) + [(1, 0)], constant_values=-1)
+  starts = jnp.where((seg != prev) & (seg > 0), idx, 0)
+  return idx - jax.lax.cummax(starts, axis=seg.ndim - 1)
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding in Hugging Face's ``rotate_half`` layout. x: (b, s, h, d); positions (b, s)."""
   d = x.shape[-1]
@@ -182,11 +197,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.
 
 
 def allowed_mask(mask: jax.Array, s: int, index) -> jax.Array:
-  """(b, s, t) causal-and-padding mask for queries in slots index..index+s-1 over key slots 0..t-1."""
+  """(b, s, t) causal-and-padding mask for queries in slots index..index+s-1 over key slots 0..t-1.
+
+  ``mask`` (b, t) is 0 at padding; without a cache (``s == t``) its positive
+  values are segment ids and a query sees only keys of its own segment, so
+  examples packed into one row do not attend to each other.
+  """
   t = mask.shape[-1]
   qpos = index + jnp.arange(s)
   causal = jnp.arange(t)[None, :] <= qpos[:, None]
-  return causal[None] & (mask[:, None, :] > 0)
+  allowed = causal[None] & (mask[:, None, :] > 0)
+  if s == t:  # whole sequence at once (training / scoring): segments apply
+    allowed &= mask[:, :, None] == mask[:, None, :]
+  return allowed
 
 
 def project(layer: nn.Module, x: jax.Array) -> jax.Array:
@@ -209,7 +232,7 @@ def mask_and_positions(input_ids, attention_mask, cache, index):
     mask = jnp.ones((b, s), jnp.int32) if attention_mask is None else attention_mask
     if mask.shape != (b, s):
       raise ValueError(f"attention_mask has shape {mask.shape}; expected {(b, s)} like input_ids")
-    return mask, positions_from_mask(mask)
+    return mask, positions_from_segments(mask)
   first = jax.tree.leaves(cache)[0]
   t = first.shape[-3]
   mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
@@ -336,7 +359,9 @@ class LlamaForCausalLM(nn.Module):
   """Llama-family causal LM.
 
   Call with ``input_ids`` (b, s) and an optional ``attention_mask`` of 1/0.
-  Without a cache the mask is (b, s); with a ``cache`` (from :func:`init_cache`)
+  Without a cache the mask is (b, s), and it may hold segment ids instead
+  (0 = padding, 1, 2, ... = examples packed into the row): each example then
+  attends only to itself and its positions restart at 0. With a ``cache`` (from :func:`init_cache`)
   the mask covers all cache slots (b, t) and the tokens fill slots
   ``index..index+s-1``. Positions are counted from the mask, so left and right
   padding both work. Returns ``(logits, cache)``: float32 logits (b, s, vocab)
