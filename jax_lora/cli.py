@@ -1,4 +1,4 @@
-"""The ``jax-lora`` command line: merge, eval, quantize, inspect, train.
+"""The ``jax-lora`` command line: merge, eval, quantize, inspect, train, compare.
 
 Every command exits 0 on success; on bad input it prints one line on stderr
 and exits 1 (2 for a malformed command line). Output folders are written
@@ -315,24 +315,28 @@ def build_parser() -> argparse.ArgumentParser:
   i.add_argument("--model", required=True, help="Hugging Face model folder")
   i.add_argument("--config", default=None, help="YAML with a 'lora' section (default: all linear, r=8)")
   sub.add_parser("train", help="fine-tune (runs train.cli; see 'jax-lora train --help')", add_help=False)
+  sub.add_parser("compare", help="several training runs, one table (runs train.compare; see 'jax-lora compare --help')",
+                 add_help=False)
   return p
 
 
-def _train(argv: Sequence[str]) -> int:
+def _train(command: str, argv: Sequence[str]) -> int:
+  """Runs ``jax-lora train`` (train.cli) or ``jax-lora compare`` (train.compare)."""
+  import importlib
+
   try:
-    from train.cli import main as train_main
+    module = importlib.import_module("train.cli" if command == "train" else "train.compare")
   except ImportError as e:
     raise CliError(f"the 'train' package is not available ({e}); install jax-lora with its train package") from None
-  rc = train_main(list(argv))
-  return int(rc or 0)
+  return int(module.main(list(argv)) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs ``jax-lora``; returns the exit status."""
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
-    if argv and argv[0] == "train":
-      return _train(argv[1:])
+    if argv and argv[0] in ("train", "compare"):
+      return _train(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "merge":
       from jax_lora.merge_files import merge_adapter_files

@@ -279,17 +279,25 @@ def _shard(cfg: TrainConfig, tx, trainable, frozen, opt_state):
   return trainable, frozen, opt_state, lambda batch: jax.device_put(batch, data)
 
 
+def _is_lora(x) -> bool:
+  return isinstance(x, jl.LoraWeight)
+
+
 def _prepare(cfg: TrainConfig, model, params):
   """``(trainable, frozen, gen_params, gen_apply)`` for the method."""
   if cfg.method == "full":
     return params, None, {"params": params}, None
   adapted = jl.init_lora(params, lora_config(cfg), jax.random.key(cfg.seed))
-  if cfg.method == "qlora":  # base kernels to NF4 (A/B stay float); dequantized per matmul
+  if cfg.method == "qlora":  # the adapted base kernels to NF4, whatever their size (A/B stay float)
+    import re
+
+    from jax_lora.paths import flat_paths
     from jax_lora.quant import QuantConfig, quantize
 
     q = cfg.quant
+    adapted_paths = tuple(re.escape(p) for p, v in flat_paths(adapted, is_leaf=_is_lora).items() if _is_lora(v))
     adapted = quantize(adapted, QuantConfig(scheme=q.type, block_size=q.block_size, double_quant=q.double_quant,
-                                            compute_dtype=jnp.dtype(cfg.dtype)))
+                                            targets=adapted_paths, compute_dtype=jnp.dtype(cfg.dtype)))
   trainable, frozen = jl.split(adapted, bias=cfg.lora.bias)
   return trainable, frozen, None, functools.partial(jl.linen.apply, model)
 
@@ -302,8 +310,14 @@ def _test_scores(cfg, model, gen_params, gen_apply, tok, test_rows) -> tuple[dic
   return tm.score(cfg.eval.metrics, hyps, refs), hyps
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, Any]:
   """Runs one fine-tuning job (resuming from ``out_dir/checkpoints`` if present).
+
+  Args:
+    cfg: the run's config.
+    before: the untrained model's scores when the caller already has them (a
+      comparison reuses one evaluation of the base model for every run that
+      starts from it); None evaluates them here.
 
   Returns:
     The results dict also written to ``out_dir/results.json``.
@@ -367,7 +381,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   results: dict[str, Any] = {"steps": steps, "trainable_params": n_train}
   before_path = os.path.join(cfg.out_dir, "before.json")
   if start == 0 or not os.path.exists(before_path):
-    before = evaluate()
+    before = evaluate() if before is None else before
     with open(before_path, "w", encoding="utf-8") as f:
       json.dump(before, f, indent=1)
     _log(cfg.out_dir, {"event": "before", "step": 0, **{k: v for k, v in before.items() if k != "samples"}})
