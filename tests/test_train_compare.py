@@ -52,6 +52,9 @@ def test_compare_methods_one_table(tiny, tmp_path, capsys):  # noqa: F811
   stamp = os.path.getmtime(out / "lora" / "metrics.jsonl")
   assert tcmp.main([plan]) == 0
   assert os.path.getmtime(out / "lora" / "metrics.jsonl") == stamp
+  # ... but never the results of another config.
+  assert tcmp.main([plan, "optim.lr=0.5"]) == 1
+  assert "holds a finished run of another config (differs in optim)" in capsys.readouterr().err
 
 
 def test_shared_before_equals_own_evaluation(tiny, tmp_path):  # noqa: F811

@@ -14,7 +14,8 @@ Optional ``out_dir`` (default ``runs/<plan file name>``): run ``NAME`` trains in
 ``out_dir/NAME`` with the ordinary ``jax-lora train`` outputs. Command-line
 overrides apply to every run (e.g. ``steps=100``). All configs are validated
 before anything trains; a run whose ``results.json`` already exists is read, not
-trained again, so an interrupted comparison continues where it stopped.
+trained again (after checking that its ``config.yaml`` is this run's config), so
+an interrupted comparison continues where it stopped.
 
 The untrained model is evaluated once and shared by the runs that start from
 it unchanged (LoRA with B = 0 at init, full fine-tuning); QLoRA runs evaluate
@@ -163,9 +164,18 @@ def _before_key(cfg: TrainConfig) -> str:
 
 
 def _results(cfg: TrainConfig) -> dict | None:
+  """The finished results in ``cfg.out_dir``, if that run had this config (``out_dir`` aside)."""
   path = os.path.join(cfg.out_dir, "results.json")
   if not os.path.exists(path):
     return None
+  with open(os.path.join(cfg.out_dir, "config.yaml"), encoding="utf-8") as f:
+    ran = yaml.safe_load(f) or {}
+  want = config_to_dict(cfg)
+  ran.pop("out_dir", None), want.pop("out_dir", None)
+  if ran != want:
+    diff = sorted(k for k in set(ran) | set(want) if ran.get(k) != want.get(k))
+    raise ValueError(f"{cfg.out_dir} holds a finished run of another config (differs in {', '.join(diff)}); "
+                     "delete that folder or set another out_dir")
   with open(path, encoding="utf-8") as f:
     res = json.load(f)
   return res if res.get("steps") and res.get("after") else None
