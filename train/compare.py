@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from train.config import TrainConfig, config_to_dict, load_config
+from train.config import TrainConfig, config_to_dict, load_config, read_yaml_mapping
 
 __all__ = ["Run", "load_plan", "run_plan", "table", "main"]
 
@@ -45,24 +45,12 @@ _NOT_SCORES = ("validation_loss", "val_loss", "eval_s", "samples")
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One run of a plan: its name, the value swept (if any) and its validated config."""
+  """One run of a plan: its name, its validated config, and the swept key and value (if any)."""
 
   name: str
   config: TrainConfig
   value: Any = None
-
-
-def _read_yaml(path: str) -> dict:
-  if not os.path.isfile(path):
-    raise ValueError(f"plan file {path!r} does not exist")
-  with open(path, encoding="utf-8") as f:
-    try:
-      raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-      raise ValueError(f"plan file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-  if not isinstance(raw, dict):
-    raise ValueError(f"plan file {path!r} must hold a mapping with 'base' and 'runs' or 'sweep'")
-  return raw
+  key: str | None = None
 
 
 def _base_path(plan_path: str, base: Any) -> str:
@@ -102,7 +90,7 @@ def load_plan(path: str, overrides: Sequence[str] = (), only: Sequence[str] = ()
     ValueError: an unknown plan key, a bad run or sweep, or a run config that
       ``jax-lora train`` would reject (named with its run).
   """
-  raw = _read_yaml(path)
+  raw = read_yaml_mapping(path, "plan file", "a mapping with 'base' and 'runs' or 'sweep'")
   unknown = sorted(set(raw) - set(_PLAN_KEYS))
   if unknown:
     raise ValueError(f"{path}: unknown plan key(s) {', '.join(unknown)}; a plan has {', '.join(_PLAN_KEYS)}")
@@ -149,7 +137,7 @@ def load_plan(path: str, overrides: Sequence[str] = (), only: Sequence[str] = ()
                         check_files=check_files)
     except ValueError as e:
       raise ValueError(f"run {name!r}: {e}") from None
-    runs.append(Run(name, cfg, value))
+    runs.append(Run(name, cfg, value, None if kind == "compare" else raw["sweep"]["key"]))
   return kind, out_dir, runs
 
 
@@ -347,8 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f"jax-lora compare: error: {e}", file=sys.stderr)
     return 1
-  raw = _read_yaml(args.plan)
-  paths = write_outputs(kind, out_dir, rows, (raw.get("sweep") or {}).get("key"))
+  paths = write_outputs(kind, out_dir, rows, runs[0].key if runs else None)
   print(table(kind, rows), end="")
   print(json.dumps({"written": paths}))
   return 0

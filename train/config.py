@@ -390,6 +390,21 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.yaml")
 
 
+def read_yaml_mapping(path: str, what: str, expected: str) -> dict:
+  """The mapping in a YAML file; a one-line ValueError naming ``what`` if the file is
+  missing, not YAML, or not ``expected`` (a mapping)."""
+  if not os.path.isfile(path):
+    raise ValueError(f"{what} {path!r} does not exist")
+  with open(path, encoding="utf-8") as f:
+    try:
+      raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+      raise ValueError(f"{what} {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+  if not isinstance(raw, dict):
+    raise ValueError(f"{what} {path!r} must hold {expected}")
+  return raw
+
+
 def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> TrainConfig:
   """Reads a YAML config (or the defaults when ``path`` is None) and applies overrides.
 
@@ -409,15 +424,7 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), c
   if path is None and os.path.isfile(DEFAULT_CONFIG):
     path = DEFAULT_CONFIG  # `jax-lora train` with no argument runs the shipped default job
   if path is not None:
-    if not os.path.isfile(path):
-      raise ValueError(f"config file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-      try:
-        raw = yaml.safe_load(f) or {}
-      except yaml.YAMLError as e:
-        raise ValueError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-      raise ValueError(f"config file {path!r} must hold a mapping of keys to values")
+    raw = read_yaml_mapping(path, "config file", "a mapping of keys to values")
   return config_from_dict(apply_overrides(raw, list(overrides)), check_files=check_files)
 
 
