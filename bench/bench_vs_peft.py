@@ -66,7 +66,7 @@ def jax_side(folder, ids, mask, loss_mask, rank, alpha, lr):
   tr, fr = jl.split(jl.init_lora(params, cfg, jax.random.key(0)))
   tx = optax.adamw(lr)
   st = tx.init(tr)
-  from train.loop import token_nll, with_loss_targets
+  from jax_lora_app.loop import token_nll, with_loss_targets
 
   batch = {k: jnp.asarray(v) for k, v in with_loss_targets(
       {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}).items()}

@@ -33,7 +33,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 def _generate(model, tok, prompts, max_new_tokens, batch_size):
   import torch
 
-  from train import metrics as tm
+  from jax_lora_app import metrics as tm
 
   tok.padding_side = "left"
   pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -75,10 +75,10 @@ def main(argv=None):
   from peft import LoraConfig, get_peft_model
   from transformers import AutoModelForCausalLM, AutoTokenizer
 
-  from train import data as td
-  from train import metrics as tm
-  from train.config import load_config, resolve_data, resolve_model
-  from train.loop import lr_schedule
+  from jax_lora_app import data as td
+  from jax_lora_app import metrics as tm
+  from jax_lora_app.config import load_config, resolve_data, resolve_model
+  from jax_lora_app.loop import lr_schedule
 
   cfg = load_config(a.config, a.overrides)
   if cfg.method != "lora" or cfg.optim.grad_accum != 1 or cfg.data.packing:

@@ -1,73 +1,72 @@
-"""jax_lora: LoRA and QLoRA for JAX/Flax parameter pytrees."""
+"""jax_lora: LoRA and QLoRA for JAX/Flax parameter pytrees.
 
-from jax_lora import adapters
+The core, at the top level: configure (:class:`LoraConfig`), adapt a parameter
+tree (:func:`init_lora`), train only A/B (:func:`split`/:func:`combine`,
+:func:`lora_optimizer`), run plain functions unmerged (:func:`dot`,
+:func:`apply_fn`), quantize the base (:class:`QuantConfig`, :func:`quantize`,
+:func:`dequantize`), fold adapters in and out (:func:`merge`, :func:`unmerge`),
+and exchange adapters with PEFT (:func:`load_peft`, :func:`save_peft`).
+Integrations and interop live in submodules: ``jax_lora.linen``,
+``jax_lora.nnx``, ``jax_lora.quant``, ``jax_lora.peft``, ``jax_lora.sharding``,
+``jax_lora.models`` (and ``adapters``, ``bnb``, ``files``, ``tree``,
+``distributed``).
+
+>>> import jax, jax.numpy as jnp, jax_lora as jl
+>>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+>>> adapted = jl.init_lora(params, jl.LoraConfig(rank=2, alpha=4), jax.random.key(0))
+>>> trainable, frozen = jl.split(adapted)
+>>> print(jl.param_report(adapted))
+trainable params: 14 || all params: 26 || trainable%: 53.8462
+>>> bool(jnp.allclose(jl.merge(jl.combine(trainable, frozen))["dense"]["kernel"], 1.0))
+True
+"""
+
 from jax_lora import linen
 from jax_lora import models
 from jax_lora import nnx
 from jax_lora import peft
 from jax_lora import quant
 from jax_lora import sharding
-from jax_lora.adapters import AdapterBank
-from jax_lora.adapters import combine_adapters
-from jax_lora.config import ALL_LINEAR
-from jax_lora.config import LoraConfig
-from jax_lora.functional import apply_fn
-from jax_lora.lora import LoraWeight
-from jax_lora.lora import ParamReport
-from jax_lora.lora import combine
-from jax_lora.lora import init_lora
-from jax_lora.lora import lora_weights
-from jax_lora.lora import merge
-from jax_lora.lora import param_report
-from jax_lora.lora import split
-from jax_lora.lora import unmerge
-from jax_lora.ops import dot
-from jax_lora.loftq import init_loftq
-from jax_lora.optim import lora_optimizer
-from jax_lora.paths import path_str
-from jax_lora.peft import load_peft
-from jax_lora.peft import save_peft
-from jax_lora.quant import QuantConfig
-from jax_lora.quant import QuantizedArray
-from jax_lora.quant import bits_report
-from jax_lora.quant import dequantize
-from jax_lora.quant import merge_quantized
-from jax_lora.quant import quantize
+from jax_lora._src.adapt import combine
+from jax_lora._src.adapt import init_lora
+from jax_lora._src.adapt import merge
+from jax_lora._src.adapt import param_report
+from jax_lora._src.adapt import split
+from jax_lora._src.adapt import unmerge
+from jax_lora._src.config import LoraConfig
+from jax_lora._src.functional import apply_fn
+from jax_lora._src.lora import LoraWeight
+from jax_lora._src.lora import dot
+from jax_lora._src.optim import lora_optimizer
+from jax_lora._src.peft import load_peft
+from jax_lora._src.peft import save_peft
+from jax_lora._src.quant import QuantConfig
+from jax_lora._src.quant import dequantize
+from jax_lora._src.quant import quantize
 
 __all__ = [
-    "ALL_LINEAR",
-    "AdapterBank",
-    "QuantConfig",
-    "QuantizedArray",
-    "adapters",
-    "bits_report",
-    "combine_adapters",
-    "dequantize",
-    "init_loftq",
-    "load_peft",
-    "merge_quantized",
-    "models",
-    "peft",
-    "quant",
-    "quantize",
-    "save_peft",
-    "sharding",
     "LoraConfig",
     "LoraWeight",
-    "ParamReport",
-    "apply_fn",
-    "combine",
-    "dot",
     "init_lora",
-    "linen",
-    "lora_optimizer",
-    "lora_weights",
-    "merge",
-    "nnx",
-    "param_report",
-    "path_str",
     "split",
+    "combine",
+    "merge",
     "unmerge",
+    "param_report",
+    "lora_optimizer",
+    "dot",
+    "apply_fn",
+    "QuantConfig",
+    "quantize",
+    "dequantize",
+    "load_peft",
+    "save_peft",
+    "linen",
+    "nnx",
+    "quant",
+    "peft",
+    "sharding",
+    "models",
 ]
 
 __version__ = "0.1.0"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 warnings.filterwarnings("ignore")
-torch = pytest.importorskip("torch")
-F = pytest.importorskip("bitsandbytes.functional")
+import torch
+import bitsandbytes.functional as F
 
 import jax.numpy as jnp  # noqa: E402
 

@@ -13,11 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import torch
+import transformers
+import peft
 
-from jax_lora.cli import main  # noqa: E402
+from jax_lora_app.cli import main  # noqa: E402
 from test_peft import TEXTS, peft_adapter, tiny_model, torch_loss  # noqa: E402
 
 
@@ -201,8 +201,7 @@ def wide_llama(tmp_path_factory):
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_quantize_matches_bitsandbytes(wide_llama, capsys, tmp_path, double_quant):
-  pytest.importorskip("jax_lora.bnb")
-  bnbf = pytest.importorskip("bitsandbytes.functional")
+  import bitsandbytes.functional as bnbf
   from safetensors.torch import load_file
   base = wide_llama
   out = tmp_path / "q"
@@ -233,21 +232,25 @@ def test_quantize_matches_bitsandbytes(wide_llama, capsys, tmp_path, double_quan
     np.testing.assert_allclose(ours_model(ids).logits.numpy(), ref_model(ids).logits.numpy(), atol=1e-5)
 
 
-def test_train_dispatches_to_train_cli(monkeypatch, capsys):
-  import types
+def test_train_and_compare_dispatch_to_the_app(monkeypatch, capsys):
+  from jax_lora_app import compare, run as train_run
+
   seen = []
-  fake = types.ModuleType("train.cli")
-  fake.main = lambda argv: seen.append(argv) or 3
-  monkeypatch.setitem(sys.modules, "train.cli", fake)
+  monkeypatch.setattr(train_run, "main", lambda argv: seen.append(("train", argv)) or 3)
+  monkeypatch.setattr(compare, "main", lambda argv: seen.append(("compare", argv)) or 0)
   assert main(["train", "cfg.yaml", "optim.lr=1e-3", "--dry-run"]) == 3
-  assert seen == [["cfg.yaml", "optim.lr=1e-3", "--dry-run"]]
-  monkeypatch.setitem(sys.modules, "train.cli", None)  # import fails
-  rc, _, err = run(capsys, "train", "x.yaml")
-  assert rc == 1 and "train" in err and len(err.strip().splitlines()) == 1
+  assert main(["compare", "plan.yaml", "--only", "lora"]) == 0
+  assert seen == [("train", ["cfg.yaml", "optim.lr=1e-3", "--dry-run"]), ("compare", ["plan.yaml", "--only", "lora"])]
+
+
+def test_library_never_imports_the_app():
+  code = ("import sys, jax_lora, jax_lora.models, jax_lora.peft, jax_lora.bnb, jax_lora.adapters, jax_lora.sharding; "
+          "bad = [m for m in sys.modules if m.split('.')[0] in ('train', 'jax_lora_app', 'transformers', 'torch')]; "
+          "assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def test_quantize_gpt2_conv1d_loads_in_transformers(capsys, tmp_path):
-  pytest.importorskip("jax_lora.bnb")
   base, out = str(tmp_path / "g"), str(tmp_path / "q")
   tiny_model(base, "gpt2", seed=6, n_embd=64)
   assert run(capsys, "quantize", "--model", base, "--out", out)[0] == 0

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import jax_lora as jl
+import jax_lora.adapters  # noqa: F401 - jl.adapters
 from jax_lora import distributed
 from test_sharding import Model, naive_train, setup
 
@@ -54,7 +55,7 @@ def test_two_processes_match_single_process(tmp_path):
   restored = ocp.StandardCheckpointer().restore(tmp_path / "ckpt", target)
   for g, w in zip(jax.tree.leaves(restored), want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5 * float(np.max(np.abs(w))))
-  assert isinstance(jl.lora_weights(restored)["layers_0/q_proj/kernel"], jl.LoraWeight)
+  assert isinstance(jl.adapters.lora_weights(restored)["layers_0/q_proj/kernel"], jl.LoraWeight)
 
 
 def test_initialize_rejects_bad_process_id():

@@ -1,5 +1,6 @@
 """LoRA core against naive references: the closed form x@W + (α/r)·x@A@B."""
 
+import zlib
 import dataclasses
 import math
 import warnings
@@ -13,6 +14,8 @@ import pytest
 from flax import nnx
 
 import jax_lora as jl
+from jax_lora._src import fallback
+import jax_lora.adapters  # noqa: F401 - jl.adapters
 
 KEY = jax.random.key(0)
 
@@ -21,7 +24,7 @@ def randomize_b(adapted, key=KEY, scale=0.1):
   """B = 0 at init; tests need a non-zero update to be able to fail."""
   def f(x):
     if isinstance(x, jl.LoraWeight):
-      k = jax.random.fold_in(key, hash(x.path) % 1000)
+      k = jax.random.fold_in(key, zlib.crc32(x.path.encode()) % 1000)
       return dataclasses.replace(x, b=scale * jax.random.normal(k, x.b.shape, x.b.dtype))
     return x
   return jax.tree.map(f, adapted, is_leaf=lambda x: isinstance(x, jl.LoraWeight))
@@ -63,7 +66,7 @@ def test_init_equals_base_and_b_is_zero():
   ad = jl.init_lora(p, jl.LoraConfig.all_linear(rank=4), KEY)
   x = jax.random.normal(KEY, (5, 16))
   close(jl.apply_fn(mlp, ad, x), mlp(p, x), 1e-6)
-  for lw in jl.lora_weights(ad).values():
+  for lw in jl.adapters.lora_weights(ad).values():
     assert not np.any(np.asarray(lw.b))
     assert lw.alpha == 8.0 and lw.rank == 4  # stored with every adapter
 
@@ -86,8 +89,8 @@ def test_merge_equals_unmerged_and_roundtrip():
   lw = ad["l1"]["kernel"]
   close(merged["l1"]["kernel"], p["l1"]["kernel"] + 4.0 * lw.a @ lw.b)
   back = jl.unmerge(merged, ad)
-  for path, lw in jl.lora_weights(back).items():
-    close(lw.w, jl.lora_weights(ad)[path].w, 1e-6)
+  for path, lw in jl.adapters.lora_weights(back).items():
+    close(lw.w, jl.adapters.lora_weights(ad)[path].w, 1e-6)
 
 
 def test_merge_keeps_base_dtype():
@@ -193,7 +196,7 @@ def test_linen_no_dense_delta_in_the_step():
   tr, fr = jl.split(ad)
   step = lambda t, x: jax.grad(lambda t: jnp.sum(jl.linen.apply(m, jl.combine(t, fr), x)))(t)
   jaxpr = jax.make_jaxpr(step)(tr, x)
-  ab_pairs = {(tuple(lw.a.reshape(-1, 3).shape), tuple(lw.b.reshape(3, -1).shape)) for lw in jl.lora_weights(ad).values()}
+  ab_pairs = {(tuple(lw.a.reshape(-1, 3).shape), tuple(lw.b.reshape(3, -1).shape)) for lw in jl.adapters.lora_weights(ad).values()}
   n_dots = 0
   for eqn in jaxpr.jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
@@ -257,7 +260,7 @@ def test_linen_fallback_merges_and_warns_once():
   x = jax.random.normal(KEY, (3, 16))
   p = m.init(KEY, x)["params"]
   ad = randomize_b(jl.init_lora(p, jl.LoraConfig(rank=2, targets=(r"(.*/)?kernel",)), KEY))
-  jl.linen._warned.clear()
+  fallback._warned.clear()
   with pytest.warns(UserWarning, match=r"'kernel' is not used through an interceptable layer"):
     got = jl.linen.apply(m, ad, x)
   close(got, m.apply({"params": jl.merge(ad)}, x), 1e-5)
@@ -276,7 +279,7 @@ def test_plain_function_fallback_on_unsupported_use():
   p = {"a": jax.random.normal(KEY, (8, 8)), "b": jax.random.normal(KEY, (4, 8))}
   ad = randomize_b(jl.init_lora(p, jl.LoraConfig(rank=2, targets=("a", "b")), KEY))
   x = jnp.ones((2, 8))
-  jl.linen._warned.clear()
+  fallback._warned.clear()
   with pytest.warns(UserWarning, match="'b'"):
     got = jl.apply_fn(f, ad, x)
   merged = jl.merge(ad)
@@ -320,7 +323,7 @@ def test_nnx_linear_general_einsum_closed_form():
   want = nnx.merge(graphdef, jl.merge(ad))(x)
   close(got, want, 1e-4)
   # naive closed form for the first layer
-  lw = jl.lora_weights(ad)["q/kernel"]
+  lw = jl.adapters.lora_weights(ad)["q/kernel"]
   want_q = x @ lw.w + lw.scale * (x @ lw.a) @ lw.b + state["q"]["bias"].get_value()
   close(jl.nnx.apply(graphdef, ad, x, method="q"), want_q, 1e-5)
   rep = jl.param_report(ad)
@@ -328,7 +331,7 @@ def test_nnx_linear_general_einsum_closed_form():
   # jit + grad w.r.t. the LoRA half only
   tr, fr = jl.split(ad)
   g = jax.jit(jax.grad(lambda t: jnp.sum(jl.nnx.apply(graphdef, jl.combine(t, fr), x) ** 2)))(tr)
-  assert jl.lora_weights(g)["q/kernel"].a.shape == (16, 2)
+  assert jl.adapters.lora_weights(g)["q/kernel"].a.shape == (16, 2)
 
 
 # ---------------------------------------------------------------- optax
@@ -363,7 +366,7 @@ def test_lora_optimizer_state_only_for_ab_and_training_step():
   upd, _ = tx.update(jax.tree.map(jnp.ones_like, ad), st, ad)
   new = optax.apply_updates(ad, upd)
   assert np.array_equal(new["l1"]["bias"], p["l1"]["bias"])
-  assert np.array_equal(jl.lora_weights(new)["l1/kernel"].w, p["l1"]["kernel"])
+  assert np.array_equal(jl.adapters.lora_weights(new)["l1/kernel"].w, p["l1"]["kernel"])
 
 
 # ---------------------------------------------------------------- bad input

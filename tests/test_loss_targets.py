@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_lora.models import LlamaConfig, LlamaForCausalLM
-from train.loop import next_token_loss, token_nll, with_loss_targets
+from jax_lora_app.loop import next_token_loss, token_nll, with_loss_targets
 
 
 def test_gathered_loss_equals_full_logits_loss():

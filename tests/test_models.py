@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 import jax_lora as jl  # noqa: E402
 from jax_lora.models import generate, gguf, hf, llama, shipped  # noqa: E402
-from jax_lora.paths import flat_paths  # noqa: E402
+from jax_lora.tree import flat_paths  # noqa: E402
 
 VOCAB = 101
 TINY = {

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import torch
+import transformers
+import peft
 
-import jax_lora as jl  # noqa: E402
+import jax_lora as jl
+import jax_lora.adapters  # noqa: F401 - jl.adapters  # noqa: E402
 from jax_lora import adapters as jla  # noqa: E402
 from jax_lora.models import load_hf  # noqa: E402
 from jax_lora.peft import load_peft, save_peft  # noqa: E402
@@ -133,7 +134,7 @@ def test_scanned_layers_import_and_export(tmp_path):
   pm = peft_adapter(base, adapter, "llama", alpha_pattern={"down_proj": 3.0})
   model, variables, config = load_hf(base, scan_layers=True)
   adapted = load_peft(adapter, variables["params"], config.model_type)
-  assert jl.lora_weights(adapted)["model/layers/mlp/down_proj/kernel"].layout == "bio"
+  assert jl.adapters.lora_weights(adapted)["model/layers/mlp/down_proj/kernel"].layout == "bio"
   ids = _ids(seed=2)
   with torch.no_grad():
     ref = pm(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
@@ -156,7 +157,7 @@ def test_scanned_layers_import_and_export(tmp_path):
 def test_import_reads_patterns(llama):
   base, adapter, _ = llama
   _, variables, config = load_hf(base)
-  lws = jl.lora_weights(load_peft(adapter, variables["params"], config.model_type))
+  lws = jl.adapters.lora_weights(load_peft(adapter, variables["params"], config.model_type))
   assert len(lws) == 6
   assert lws["model/layers_0/self_attn/v_proj/kernel"].rank == 2
   assert lws["model/layers_0/self_attn/q_proj/kernel"].rank == 4
@@ -174,13 +175,13 @@ def test_export_loads_in_peft_with_equal_logits(tmp_path):
   adapted = jl.init_lora(variables["params"], cfg, jax.random.key(0))
   # non-zero B so the adapter matters
   adapted = jax.tree.map(lambda x: x, adapted)
-  lws = jl.lora_weights(adapted)
+  lws = jl.adapters.lora_weights(adapted)
   flat = {p: lw for p, lw in lws.items()}
   keys = jax.random.split(jax.random.key(1), len(flat))
   import dataclasses
   repl = {p: dataclasses.replace(lw, b=0.1 * jax.random.normal(k, lw.b.shape)) for (p, lw), k in zip(flat.items(), keys)}
-  from jax_lora.lora import _map
-  adapted = _map(lambda p, v: repl.get(p, v), adapted)
+  from jax_lora.tree import map_leaves
+  adapted = map_leaves(lambda p, v: repl.get(p, v), adapted)
   out = str(tmp_path / "ours")
   save_peft(out, adapted, config.model_type, base_model_name_or_path=base)
   meta = json.load(open(os.path.join(out, "adapter_config.json")))
@@ -192,8 +193,8 @@ def test_export_loads_in_peft_with_equal_logits(tmp_path):
     ref = pm(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(_logits(model, adapted, ids), ref, atol=2e-5, rtol=1e-5)
   # and back: re-importing gives the same factors
-  again = jl.lora_weights(load_peft(out, variables["params"], config.model_type))
-  for p, lw in jl.lora_weights(adapted).items():
+  again = jl.adapters.lora_weights(load_peft(out, variables["params"], config.model_type))
+  for p, lw in jl.adapters.lora_weights(adapted).items():
     np.testing.assert_array_equal(np.asarray(again[p].b), np.asarray(lw.b))
     assert (again[p].rank, again[p].alpha) == (lw.rank, lw.alpha)
 
@@ -259,7 +260,7 @@ def test_switch_and_weighted_combination(llama, tmp_path):
   ids = _ids(seed=5)
   # switching reuses the same base arrays (no reload) and matches a fresh load
   p2 = bank.use("two")
-  assert jl.lora_weights(p2)["model/layers_0/self_attn/k_proj/kernel"].w is params["model"]["layers_0"]["self_attn"]["k_proj"]["kernel"]
+  assert jl.adapters.lora_weights(p2)["model/layers_0/self_attn/k_proj/kernel"].w is params["model"]["layers_0"]["self_attn"]["k_proj"]["kernel"]
   np.testing.assert_allclose(_logits(model, p2, ids), _logits(model, load_peft(adapter2, params, config.model_type), ids),
                              atol=1e-6)
   np.testing.assert_allclose(_logits(model, bank.use(None), ids), _logits(model, params, ids), atol=0)

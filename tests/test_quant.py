@@ -156,7 +156,7 @@ def test_bits_measured_from_arrays():
 
 
 def test_orbax_roundtrip_exact(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
+  import orbax.checkpoint as ocp
   tree = Q.quantize(_params(), Q.QuantConfig(min_size=64))
   path = tmp_path / "ckpt"
   with ocp.StandardCheckpointer() as ckpt:
@@ -217,7 +217,7 @@ def test_shard_specs_cut_at_blocks():
 
 
 def test_loftq_reduces_quantization_error():
-  from jax_lora import loftq
+  from jax_lora import quant as loftq
   k = jax.random.split(jax.random.key(7), 3)
   # a weight with a strong low-rank part, like trained layers
   w = jax.random.normal(k[0], (256, 128)) * 0.1 + jax.random.normal(k[1], (256, 4)) @ jax.random.normal(k[2], (4, 128))

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jax_lora as jl
+import jax_lora.adapters  # noqa: F401 - jl.adapters
 from jax_lora import sharding as sh
 
 KEY = jax.random.key(0)
@@ -137,8 +138,8 @@ def test_lora_steps_on_meshes_equal_single_device(reference, name):
   close_trees(tr, ref_tr)
   # optimizer moments live exactly where their parameters live
   mu = state[0].mu
-  for p, lw in jl.lora_weights(tr).items():
-    m = jl.lora_weights(mu)[p]
+  for p, lw in jl.adapters.lora_weights(tr).items():
+    m = jl.adapters.lora_weights(mu)[p]
     assert m.a.sharding.is_equivalent_to(lw.a.sharding, 3) and m.b.sharding.is_equivalent_to(lw.b.sharding, 3)
 
 
@@ -174,13 +175,13 @@ def test_tp_rules_are_megatron_and_fsdp_shrinks_base_bytes(reference):
   assert lay["o_proj"]["kernel"].w == P("model", "data") and lay["down_proj"]["kernel"].a == P("model", None)
   assert lay["up_proj"]["kernel"].b == P(None, "model")
   _, fr = jl.split(adapted)
-  kernels = {p: lw.w for p, lw in jl.lora_weights(fr).items()}
+  kernels = {p: lw.w for p, lw in jl.adapters.lora_weights(fr).items()}
   full = sum(int(w.nbytes) for w in kernels.values())
   per_dev = {}
   for name in ("data8", "fsdp8", "fsdp_tp_2x4"):
     axes, rules = MESHES[name]
     m = sh.make_mesh(axes)
-    shard = {p: s.w for p, s in jl.lora_weights(sh.param_shardings(adapted, rules, m)).items()}
+    shard = {p: s.w for p, s in jl.adapters.lora_weights(sh.param_shardings(adapted, rules, m)).items()}
     per_dev[name] = sh.bytes_per_device(sh.place(kernels, shard))
   print("base kernel bytes per device:", full, per_dev)
   assert per_dev["data8"] == full
@@ -260,7 +261,7 @@ def unstack(adapted_scan, n):
 @pytest.mark.parametrize("remat", [True])  # nn.remat inside nn.scan; plain jax.checkpoint: test_remat_gives_same_steps
 def test_scanned_model_sharded_equals_unrolled(remat):
   model, adapted, batch, loss_fn = setup(ScanModel(remat=remat))
-  assert jl.lora_weights(adapted)["layers/block/q_proj/kernel"].layout == "bio"
+  assert jl.adapters.lora_weights(adapted)["layers/block/q_proj/kernel"].layout == "bio"
   mesh = sh.make_mesh({"data": 2, "model": 4})
   specs = sh.param_specs(adapted, sh.fsdp_tp(), mesh)
   assert specs["layers"]["block"]["q_proj"]["kernel"].a == P(None, "data", None)  # layer axis replicated
@@ -325,7 +326,7 @@ def test_pmap_batch_must_divide():
 
 
 def quantized(adapted, block_size, double_quant=True):
-  quant = pytest.importorskip("jax_lora.quant")
+  import jax_lora.quant as quant
   cfg = quant.QuantConfig(block_size=block_size, double_quant=double_quant, dq_block_size=4, targets=TARGETS)
   return quant.quantize(adapted, cfg)
 
@@ -393,7 +394,7 @@ def test_quantized_specs_cut_only_at_block_boundaries(qreference):
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_scanned_qlora_equals_unrolled(double_quant):
-  quant = pytest.importorskip("jax_lora.quant")
+  import jax_lora.quant as quant
   model, adapted, batch, loss_fn = setup(ScanModel(remat=True))
   cfg = quant.QuantConfig(block_size=4, double_quant=double_quant, dq_block_size=4, targets=TARGETS)
   qscan = quant.quantize(adapted, cfg)  # NF4 on the stacked (layers, in, out) kernels

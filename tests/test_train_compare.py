@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.test_train_loop import _cfg, tiny  # noqa: F401 - fixture
-from train import compare as tcmp
-from train import config as tc
-from train import loop as tl
+from jax_lora_app import compare as tcmp
+from jax_lora_app import config as tc
+from jax_lora_app import loop as tl
 
 
-def _plan(tiny, tmp_path, body):  # noqa: F811
+def _plan(tiny, tmp_path, body):
   base = tmp_path / "base.yaml"
-  cfg = _cfg(tiny, tmp_path / "unused", steps=4, eval_every=0, log_every=2, checkpoint_every=0,
+  cfg = tiny.cfg(tmp_path / "unused", steps=4, eval_every=0, log_every=2, checkpoint_every=0,
              **{"quant.block_size": 32})
   base.write_text(yaml.safe_dump(tc.config_to_dict(cfg)))
   plan = tmp_path / "plan.yaml"
@@ -23,7 +22,7 @@ def _plan(tiny, tmp_path, body):  # noqa: F811
   return str(plan)
 
 
-def test_compare_methods_one_table(tiny, tmp_path, capsys):  # noqa: F811
+def test_compare_methods_one_table(tiny, tmp_path, capsys):
   runs = {"lora": {"method": "lora"}, "qlora": {"method": "qlora"}, "full": {"method": "full", "optim.lr": 1e-3}}
   plan = _plan(tiny, tmp_path, {"runs": runs})
   assert tcmp.main([plan]) == 0
@@ -57,16 +56,16 @@ def test_compare_methods_one_table(tiny, tmp_path, capsys):  # noqa: F811
   assert "holds a finished run of another config (differs in optim)" in capsys.readouterr().err
 
 
-def test_shared_before_equals_own_evaluation(tiny, tmp_path):  # noqa: F811
+def test_shared_before_equals_own_evaluation(tiny, tmp_path):
   plan = _plan(tiny, tmp_path, {"runs": {"lora": {"method": "lora"}, "full": {"method": "full"}}})
   assert tcmp.main([plan]) == 0
   shared = json.loads((tmp_path / "out" / "full" / "results.json").read_text())["before"]
-  own = tl.train(_cfg(tiny, tmp_path / "own", method="full", steps=1, eval_every=0, checkpoint_every=0))["before"]
+  own = tl.train(tiny.cfg(tmp_path / "own", method="full", steps=1, eval_every=0, checkpoint_every=0))["before"]
   assert shared["bleu"] == pytest.approx(own["bleu"])
   assert shared["validation_loss"] == pytest.approx(own["validation_loss"], rel=1e-6)
 
 
-def test_rank_sweep(tiny, tmp_path):  # noqa: F811
+def test_rank_sweep(tiny, tmp_path):
   plan = _plan(tiny, tmp_path, {"sweep": {"key": "lora.rank", "values": [1, 4], "alpha_ratio": 2}})
   assert tcmp.main([plan, "steps=3"]) == 0
   out = tmp_path / "out"
@@ -84,7 +83,7 @@ def test_rank_sweep(tiny, tmp_path):  # noqa: F811
     ({"sweep": {"key": "lora.rank", "values": []}}, "non-empty 'values'"),
     ({"runs": {"a": {}}, "extra": 1}, "unknown plan key(s) extra"),
 ])
-def test_bad_plans_fail_before_training(tiny, tmp_path, capsys, body, message):  # noqa: F811
+def test_bad_plans_fail_before_training(tiny, tmp_path, capsys, body, message):
   plan = _plan(tiny, tmp_path, body)
   assert tcmp.main([plan]) == 1
   err = capsys.readouterr().err.strip()

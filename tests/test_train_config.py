@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from train import config as tc
+from jax_lora_app import config as tc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,7 +110,7 @@ def test_lora_config_targets(tmp_path):
   cfg = tc.config_from_dict({"data": {"task": "de_en"}, "lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "all-linear", ".*/o_proj/kernel"]}})
   lc = tc.lora_config(cfg)
   assert isinstance(lc, jl.LoraConfig) and lc.rank == 4 and lc.alpha == 8.0
-  q, everything, o = lc.targets
-  assert everything == jl.ALL_LINEAR
+  q, everything, o = lc.target_patterns
+  assert everything == jl.LoraConfig.all_linear().targets[0]
   assert re.fullmatch(q, "model/layers_0/self_attn/q_proj/kernel") and not re.fullmatch(q, "model/layers_0/self_attn/k_proj/kernel")
   assert re.fullmatch(o, "model/layers_0/self_attn/o_proj/kernel")

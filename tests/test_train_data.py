@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from train import data as td
-from train import metrics as tm
-from train import tasks as tt
+from jax_lora_app import data as td
+from jax_lora_app import metrics as tm
+from jax_lora_app import tasks as tt
 
 # ----------------------------------------------------------------------------- tokenizers
 

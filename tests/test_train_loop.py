@@ -6,56 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from train import config as tc
-from train import loop as tl
+from jax_lora_app import config as tc
+from jax_lora_app import loop as tl
 
-WORDS = [f"w{i}" for i in range(40)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  """A random 2-layer Llama folder with a word-level tokenizer, and copy-task jsonl splits."""
-  import torch
-  import transformers
-  from tokenizers import Tokenizer, models, pre_tokenizers
-
-  root = tmp_path_factory.mktemp("tiny")
-  vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "copy", ":", *WORDS])}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-  folder = root / "model"
-  hf_tok.save_pretrained(folder)
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=1)
-  transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-  rng = np.random.default_rng(0)
-  files = {}
-  for split, n in [("train", 256), ("validation", 16), ("test", 4)]:
-    path = root / f"{split}.jsonl"
-    with open(path, "w") as f:
-      for _ in range(n):
-        words = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 5))))
-        f.write(json.dumps({"prompt": f"copy {words} :", "completion": f" {words}"}) + "\n")
-    files[split] = str(path)
-  return str(folder), files
-
-
-def _cfg(tiny, out_dir, **kw):
-  folder, files = tiny
-  raw = {"model": folder, "data": {"train": files["train"], "validation": files["validation"], "test": files["test"]},
-         "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-2, "warmup_steps": 2}, "batch_size": 8, "seq_len": 16,
-         "steps": 6, "eval_every": 3, "log_every": 3, "out_dir": str(out_dir), "checkpoint_every": 3,
-         "eval": {"max_new_tokens": 4, "num_test": 4, "metrics": ["bleu", "rouge"], "batch_size": 4}}
-  for k, v in kw.items():
-    node = raw
-    *parents, last = k.split(".")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = v
-  return tc.config_from_dict(raw)
 
 
 def _adapter(out_dir):
@@ -65,7 +18,7 @@ def _adapter(out_dir):
 
 
 def test_lora_learns_and_resumes_exactly(tiny, tmp_path):
-  res = tl.train(_cfg(tiny, tmp_path / "a", steps=6))
+  res = tl.train(tiny.cfg(tmp_path / "a", steps=6))
   assert res["after"]["validation_loss"] < res["before"]["validation_loss"] - 0.1
   assert {"bleu", "rouge1", "rouge2", "rougeL"} <= set(res["after"])
   events = [json.loads(l)["event"] for l in open(tmp_path / "a" / "metrics.jsonl")]
@@ -76,7 +29,7 @@ def test_lora_learns_and_resumes_exactly(tiny, tmp_path):
   shutil.copytree(tmp_path / "a", tmp_path / "b")
   shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
   shutil.rmtree(tmp_path / "b" / "adapter")
-  res_b = tl.train(_cfg(tiny, tmp_path / "b", steps=6))
+  res_b = tl.train(tiny.cfg(tmp_path / "b", steps=6))
   assert res_b["steps_run"] == 3
   a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
   assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
@@ -91,9 +44,9 @@ def test_gradient_accumulation_matches_big_batch(tiny, tmp_path):
   import optax
 
   import jax_lora as jl
-  from train import data as td
+  from jax_lora_app import data as td
 
-  cfg = _cfg(tiny, tmp_path, **{"optim.grad_accum": 2, "optim.warmup_steps": 0, "optim.schedule": "constant"})
+  cfg = tiny.cfg(tmp_path, **{"optim.grad_accum": 2, "optim.warmup_steps": 0, "optim.schedule": "constant"})
   model, params, _, tok, _ = tl.load_model(cfg.model, "float32")
   tr, fr = jl.split(jl.init_lora(params, tc.lora_config(cfg), jax.random.key(0)))
   tr = jax.tree.map(lambda x: x + 0.01, tr)  # nonzero B so A gets gradients too
@@ -123,9 +76,9 @@ def test_packed_batch_loss_equals_separate_examples(tiny):
   import jax
 
   import jax_lora as jl
-  from train import data as td
+  from jax_lora_app import data as td
 
-  cfg = _cfg(tiny, "unused")
+  cfg = tiny.cfg("unused")
   model, params, _, tok, _ = tl.load_model(cfg.model, "float32")
   tr, fr = jl.split(jl.init_lora(params, tc.lora_config(cfg), jax.random.key(0)))
   tr = jax.tree.map(lambda x: x + 0.05, tr)  # B != 0: the adapter changes the loss too
@@ -152,13 +105,13 @@ def test_schedule_warmup_then_cosine():
 @pytest.mark.parametrize("method", ["qlora", "full"])
 def test_other_methods_run(tiny, tmp_path, method):
   extra = {"quant.block_size": 32} if method == "qlora" else {}
-  res = tl.train(_cfg(tiny, tmp_path, method=method, steps=3, **{"eval.num_test": 0}, **extra))
+  res = tl.train(tiny.cfg(tmp_path, method=method, steps=3, **{"eval.num_test": 0}, **extra))
   assert np.isfinite(res["after"]["validation_loss"])
   assert os.path.isdir(tmp_path / ("model" if method == "full" else "adapter"))
 
 
 def test_cli_errors_and_dry_run(tiny, tmp_path, capsys):
-  from train.cli import main
+  from jax_lora_app.cli import main
 
   assert main([os.path.join(os.path.dirname(__file__), "..", "configs", "default.yaml"), "optim.lrr=1"]) == 1
   assert "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)" in capsys.readouterr().err

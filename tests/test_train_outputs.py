@@ -2,13 +2,12 @@
 
 import json
 
-from tests.test_train_loop import _cfg, tiny  # noqa: F401 - fixture
-from train import loop as tl
+from jax_lora_app import loop as tl
 
 
-def test_metrics_rows_report_and_curves(tiny, tmp_path):  # noqa: F811
+def test_metrics_rows_report_and_curves(tiny, tmp_path):
   out = tmp_path / "run"
-  tl.train(_cfg(tiny, out, steps=6, log_every=2, eval_every=3))
+  tl.train(tiny.cfg(out, steps=6, log_every=2, eval_every=3))
   rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
   train = [r for r in rows if r["event"] == "train"]
   assert [r["step"] for r in train] == [2, 4, 6]

@@ -9,9 +9,8 @@ import time
 
 import yaml
 
-from tests.test_train_loop import _cfg, tiny  # noqa: F401 - fixture
-from train import config as tc
-from train import loop as tl
+from jax_lora_app import config as tc
+from jax_lora_app import loop as tl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,11 +20,11 @@ def _final_loss(out_dir):
   return [r for r in rows if r["event"] == "train"][-1]["loss"], [r for r in rows if r["event"] == "after"][-1]
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tiny, tmp_path):  # noqa: F811
+def test_sigkill_then_resume_matches_uninterrupted(tiny, tmp_path):
   kw = dict(steps=30, log_every=5, eval_every=0, checkpoint_every=2, **{"eval.num_test": 0})
   ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
-  tl.train(_cfg(tiny, ref_dir, **kw))
-  cfg = _cfg(tiny, run_dir, **kw)
+  tl.train(tiny.cfg(ref_dir, **kw))
+  cfg = tiny.cfg(run_dir, **kw)
   path = tmp_path / "cfg.yaml"
   path.write_text(yaml.safe_dump(tc.config_to_dict(cfg)))
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")

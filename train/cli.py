@@ -1,43 +1,311 @@
-"""``jax-lora train CONFIG.yaml [key=value ...]`` (also ``python -m train``)."""
+"""The ``jax-lora`` command: merge, eval, quantize, inspect, train, compare.
+
+The app's entry point (installed as ``jax_lora_app``; the library ``jax_lora``
+never imports it).
+
+Every command exits 0 on success; on bad input it prints one line on stderr
+and exits 1 (2 for a malformed command line). Output folders are written
+atomically (a temporary folder renamed into place).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "read_texts", "evaluate", "inspect_model", "quantize_model"]
+
+
+class CliError(ValueError):
+  """Bad input found by the command line (printed as one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line on stderr, exit 2
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def read_texts(path: str) -> list[str]:
+  """Texts of a .txt file (one per non-empty line) or a .jsonl file (a "text" field per line)."""
+  if not os.path.isfile(path):
+    raise CliError(f"data file {path} does not exist")
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in (".txt", ".jsonl"):
+    raise CliError(f"data file {path} must end in .txt (one text per line) or .jsonl (a 'text' field per line)")
+  texts = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      line = line.rstrip("\r\n")
+      if not line.strip():
+        continue
+      if ext == ".txt":
+        texts.append(line)
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise CliError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+      if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise CliError(f"{path}:{n} has no string 'text' field")
+      texts.append(row["text"])
+  if not texts:
+    raise CliError(f"data file {path} holds no texts")
+  return texts
+
+
+def _bucket(n: int, cap: int) -> int:
+  """Padded length: the next multiple of 16 (few recompiles), at most ``cap``."""
+  return min(cap, max(16, -(-n // 16) * 16))
+
+
+def evaluate(model_dir: str, data: str, adapter: str | None = None, batch_size: int = 8) -> dict[str, Any]:
+  """Mean next-token cross-entropy of each text (tokenized as ``tokenizer(text)``), no packing.
+
+  Returns:
+    ``{"loss", "tokens", "perplexity", "texts"}``: loss is the sum of token
+    cross-entropies over all predicted tokens divided by their number.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import jax_lora as jl
+  from jax_lora.models import load_hf
+
+  if batch_size < 1:
+    raise CliError(f"--batch-size must be >= 1, got {batch_size}")
+  texts = read_texts(data)
+  tok = _tokenizer(model_dir)
+  model, variables, config = load_hf(model_dir)
+  params = variables["params"]
+  if adapter is not None:
+    params = jl.load_peft(adapter, params, config.model_type)
+  cap = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1 << 30
+  seqs = [list(tok(t)["input_ids"]) for t in texts]
+  too_long = [i for i, s in enumerate(seqs) if len(s) > cap]
+  if too_long:
+    raise CliError(f"text {too_long[0] + 1} has {len(seqs[too_long[0]])} tokens, more than the model's {cap} positions")
+
+  @jax.jit
+  def batch_loss(p, ids, mask):
+    logits = jl.linen.apply(model, p, ids, mask)[0].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    ce = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+    return jnp.sum(ce * w), jnp.sum(w)
+
+  total, count = 0.0, 0
+  for i in range(0, len(seqs), batch_size):
+    chunk = seqs[i:i + batch_size]
+    width = _bucket(max(len(s) for s in chunk), cap)
+    ids = np.zeros((len(chunk), width), np.int32)
+    mask = np.zeros((len(chunk), width), np.int32)
+    for j, s in enumerate(chunk):
+      ids[j, :len(s)] = s
+      mask[j, :len(s)] = 1
+    s_, n_ = batch_loss(params, jnp.asarray(ids), jnp.asarray(mask))
+    total += float(s_)
+    count += int(round(float(n_)))
+  if count == 0:
+    raise CliError(f"no token to predict in {data}: every text tokenizes to fewer than 2 tokens")
+  loss = total / count
+  return {"loss": loss, "tokens": count, "perplexity": math.exp(min(loss, 700.0)), "texts": len(texts)}
+
+
+def _tokenizer(model_dir: str):
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  try:
+    import transformers
+  except ImportError:
+    raise CliError("eval needs transformers for the tokenizer: pip install 'jax-lora[hf]'") from None
+  try:
+    return transformers.AutoTokenizer.from_pretrained(model_dir)
+  except Exception as e:  # noqa: BLE001 - transformers raises many types
+    raise CliError(f"cannot load a tokenizer from {model_dir} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def _read_yaml_lora(path: str | None):
+  """The ``lora`` section of a YAML file (a train config), read as ``jax-lora train`` reads it."""
+  import jax_lora as jl
+
+  from .config import lora_section, read_yaml_mapping
+
+  if path is None:
+    return jl.LoraConfig.all_linear()
+  doc = read_yaml_mapping(path, "config file", "a mapping with a 'lora' section")
+  return lora_section(doc.get("lora") or {}, where=f"{path}: lora")
+
+
+def _shapes(model_dir: str):
+  """``(config, {flax path: shape})`` from config.json and the safetensors headers (no tensor read)."""
+  import numpy as np
+  from safetensors import safe_open
+
+  from jax_lora.files import weight_files
+  from jax_lora.models import hf
+
+  cfg_path = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise CliError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
+  with open(cfg_path) as f:
+    config = hf.config_from_hf(json.load(f))
+  fam = hf.family(config)
+  shapes = {}
+  for path in weight_files(model_dir):
+    with safe_open(path, framework="numpy") as f:
+      for k in f.keys():
+        if hf.ignored_key(k, config):
+          continue
+        shape = tuple(f.get_slice(k).get_shape())
+        p, view = fam.to_flax(k, np.broadcast_to(np.zeros((), np.float32), shape))
+        shapes[p] = tuple(view.shape)
+  return config, shapes
+
+
+def inspect_model(model_dir: str, config_yaml: str | None = None):
+  """:class:`jax_lora.ParamReport` of LoRA (from the YAML's ``lora`` section, default all-linear) on a model folder."""
+  import jax
+  from flax import traverse_util
+
+  import jax_lora as jl
+  from jax_lora.tree import match_paths
+
+  cfg = _read_yaml_lora(config_yaml)
+  _, shapes = _shapes(model_dir)
+  targets = set(match_paths(shapes, cfg.target_patterns, what="LoRA target"))
+  flat = {}
+  for p, shape in shapes.items():
+    sds = jax.ShapeDtypeStruct(shape, "float32")
+    if p not in targets:
+      flat[p] = sds
+      continue
+    lay = cfg.layout_for(p, len(shape))
+    r = cfg.rank_for(p)
+    a = tuple(s for s, c in zip(shape, lay) if c in "bi") + (r,)
+    b = tuple(s for s, c in zip(shape, lay) if c == "b") + (r,) + tuple(s for s, c in zip(shape, lay) if c == "o")
+    flat[p] = jl.LoraWeight(w=sds, a=jax.ShapeDtypeStruct(a, "float32"), b=jax.ShapeDtypeStruct(b, "float32"),
+                            alpha=cfg.alpha_for(p), rank=r, layout=lay, path=p, rslora=cfg.use_rslora)
+  tree = traverse_util.unflatten_dict(flat, sep="/")
+  return jl.param_report(tree, bias=cfg.bias)
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def quantize_model(model_dir: str, out: str, double_quant: bool = False) -> dict[str, Any]:
+  """Writes the model's linear weights in bitsandbytes' NF4 safetensors layout (others unchanged)."""
+  from jax_lora import bnb
+  from jax_lora.files import CONV1D_MODEL_TYPES, atomic_folder, copy_side_files, read_safetensors, save_tensors
+
+  cfg_path = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise CliError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
+  with open(cfg_path) as f:
+    hf_config = json.load(f)
+  tensors = read_safetensors(model_dir)
+  linear = _linear_keys(tensors, hf_config)
+  if not linear:
+    raise CliError(f"{model_dir}: found no linear weights to quantize")
+  if hf_config.get("model_type") in CONV1D_MODEL_TYPES:
+    # Conv1D stores (in, out); bitsandbytes (as transformers quantizes it) stores (out, in)
+    tensors = {k: (v.T if k in set(linear) else v) for k, v in tensors.items()}
+  out_tensors, qconfig = bnb.quantize_state_dict(tensors, linear, blocksize=64, double_quant=double_quant)
+  with atomic_folder(out) as tmp:
+    copy_side_files(model_dir, tmp)
+    cfg = dict(hf_config)
+    cfg["quantization_config"] = qconfig
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(cfg, f, indent=2)
+    save_tensors(os.path.join(tmp, "model.safetensors"), out_tensors)
+  return {"quantized": len(linear), "double_quant": double_quant}
+
+
+def _linear_keys(tensors, hf_config) -> list[str]:
+  """HF keys of the linear layers' weights (2-D ``*.weight`` mapped to a Flax ``kernel``), head excluded."""
+  from jax_lora.models import hf
+
+  config = hf.config_from_hf(hf_config)
+  keys = []
+  for k, v in tensors.items():
+    if hf.ignored_key(k, config) or v.ndim != 2 or not k.endswith(".weight"):
+      continue
+    if k.startswith("lm_head"):  # bitsandbytes/transformers keep the head in full precision
+      continue
+    if hf.hf_key_to_path(k, config.model_type).endswith("/kernel"):
+      keys.append(k)
+  return sorted(keys)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="jax-lora", description="LoRA/QLoRA for JAX: merge, evaluate, quantize and inspect models.")
+  sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  m = sub.add_parser("merge", help="fold a PEFT adapter into an HF model folder (safetensors only)")
+  m.add_argument("--base", required=True, help="Hugging Face model folder")
+  m.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder")
+  m.add_argument("--out", required=True, help="output model folder (written atomically)")
+  m.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="cast floating tensors")
+  e = sub.add_parser("eval", help="mean next-token loss / perplexity of a text file")
+  e.add_argument("--model", required=True, help="Hugging Face model folder (with tokenizer)")
+  e.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder")
+  e.add_argument("--data", required=True, help=".txt (one text per line) or .jsonl with a 'text' field")
+  e.add_argument("--batch-size", type=int, default=8, help="texts per batch (padded)")
+  q = sub.add_parser("quantize", help="write linear weights in bitsandbytes NF4 safetensors layout")
+  q.add_argument("--model", required=True, help="Hugging Face model folder")
+  q.add_argument("--out", required=True, help="output folder (written atomically)")
+  q.add_argument("--double-quant", action="store_true", help="also quantize the absmax statistics")
+  i = sub.add_parser("inspect", help="table of LoRA-targeted modules and parameter counts")
+  i.add_argument("--model", required=True, help="Hugging Face model folder")
+  i.add_argument("--config", default=None, help="YAML with a 'lora' section (default: all linear, r=8)")
+  sub.add_parser("train", help="fine-tune (see 'jax-lora train --help')", add_help=False)
+  sub.add_parser("compare", help="several training runs, one table (see 'jax-lora compare --help')", add_help=False)
+  return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Parses the command line, loads and validates the config, and trains.
-
-  Returns 0 on success; a bad config prints one line on stderr and returns 1.
-  """
-  p = argparse.ArgumentParser(prog="jax-lora train", description="Fine-tune a causal LM with LoRA/QLoRA/full.")
-  p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults = configs/default.yaml)")
-  p.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys (e.g. optim.lr=1e-3)")
-  p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, then exit")
-  args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-  if args.config is not None and "=" in args.config:  # only overrides given
-    args.overrides, args.config = [args.config, *args.overrides], None
-  from train.config import config_to_dict, load_config
-
+  """Runs ``jax-lora``; returns the exit status."""
+  argv = list(sys.argv[1:] if argv is None else argv)
   try:
-    cfg = load_config(args.config, args.overrides)
-  except ValueError as e:
-    print(f"jax-lora train: error: {e}", file=sys.stderr)
-    return 1
-  if args.dry_run:
-    import yaml
-
-    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    if argv and argv[0] == "train":
+      from . import run
+      return int(run.main(argv[1:]) or 0)
+    if argv and argv[0] == "compare":
+      from . import compare
+      return int(compare.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    if args.command == "merge":
+      from jax_lora.peft import merge_adapter_files
+      merge_adapter_files(args.base, args.adapter, args.out, args.dtype)
+      print(json.dumps({"merged": args.out}))
+    elif args.command == "eval":
+      print(json.dumps(evaluate(args.model, args.data, args.adapter, args.batch_size)))
+    elif args.command == "quantize":
+      print(json.dumps({"out": args.out, **quantize_model(args.model, args.out, args.double_quant)}))
+    elif args.command == "inspect":
+      print(inspect_model(args.model, args.config).table())
     return 0
-  from train.loop import train
-
-  try:
-    train(cfg)
-  except ValueError as e:
-    print(f"jax-lora train: error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:  # bad input: the message says what to fix
+    msg = " ".join(str(e).split()) or type(e).__name__
+    print(f"jax-lora: error: {msg}", file=sys.stderr)
     return 1
-  return 0
+  except Exception as e:  # noqa: BLE001 - the contract is one line on stderr, whatever failed
+    msg = " ".join(str(e).split())
+    print(f"jax-lora: error: {type(e).__name__}: {msg}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from train.config import TrainConfig, config_to_dict, load_config, read_yaml_mapping
+from .config import TrainConfig, config_to_dict, load_config, read_yaml_mapping
 
 __all__ = ["Run", "load_plan", "run_plan", "table", "main"]
 
@@ -171,7 +171,7 @@ def _results(cfg: TrainConfig) -> dict | None:
 
 def run_plan(runs: Sequence[Run]) -> list[dict[str, Any]]:
   """Trains every run (or reads its finished ``results.json``); one summary dict per run."""
-  from train.loop import train
+  from .loop import train
 
   shared: dict[str, dict] = {}
   out = []
@@ -190,7 +190,7 @@ def run_plan(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 
 def _summary(r: Run, res: dict) -> dict[str, Any]:
-  from train.report import read_metrics
+  from .report import read_metrics
 
   cfg = r.config
   metrics = read_metrics(cfg.out_dir)

@@ -21,17 +21,22 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from typing import Any
 
 import yaml
 
+from jax_lora import LoraConfig, QuantConfig
+
 __all__ = [
     "SHIPPED_MODELS",
     "DataConfig",
-    "LoraSection",
-    "QuantSection",
+    "LORA_DEFAULTS",
+    "QUANT_DEFAULTS",
+    "lora_section",
+    "quant_section",
     "OptimConfig",
     "EvalConfig",
     "TrainConfig",
@@ -73,36 +78,18 @@ class DataConfig:
   bucket: int = 16
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoraSection:
-  """LoRA adapter settings (mapped onto ``jax_lora.LoraConfig``)."""
-
-  # Rank r of each update B·A.
-  rank: int = 16
-  # Scale numerator: updates are multiplied by alpha/rank (alpha/sqrt(rank) with rslora).
-  alpha: float = 32.0
-  # Regexes fullmatched against "/"-joined parameter paths; "all-linear" means every kernel.
-  targets: tuple[str, ...] = ("all-linear",)
-  # Dropout probability on the LoRA branch input.
-  dropout: float = 0.0
-  # rsLoRA scaling alpha/sqrt(rank).
-  use_rslora: bool = False
-  # Init of A: "kaiming", "gaussian" or "pissa".
-  init: str = "kaiming"
-  # Which biases train: "none", "all" or "lora_only".
-  bias: str = "none"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantSection:
-  """Base-weight quantization used by method "qlora"."""
-
-  # Storage type of the frozen base kernels: "nf4" (QLoRA), "int4" or "int8".
-  type: str = "nf4"
-  # Values per absmax block.
-  block_size: int = 64
-  # Quantize the absmax constants too (QLoRA's double quantization).
-  double_quant: bool = True
+# The ``lora`` and ``quant`` sections are the library's own config types; a YAML
+# section overrides these run defaults field by field.
+LORA_DEFAULTS = LoraConfig(rank=16, alpha=32.0, targets=("all-linear",))
+QUANT_DEFAULTS = QuantConfig(scheme="nf4", block_size=64, double_quant=True)
+# YAML keys of the quant section and the QuantConfig field each sets ("type" is
+# the documented spelling of "scheme").
+_QUANT_KEYS = {"type": "scheme", "scheme": "scheme", "block_size": "block_size", "double_quant": "double_quant",
+               "dq_block_size": "dq_block_size"}
+# PEFT spellings accepted in a lora section (e.g. an adapter_config.json pasted in).
+_PEFT_KEYS = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets"}
+# LoraConfig fields that a YAML lora section may set.
+_LORA_KEYS = ("rank", "alpha", "targets", "dropout", "use_rslora", "init", "bias", "rank_pattern", "alpha_pattern")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,8 +144,12 @@ class TrainConfig:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   # "lora", "qlora" (NF4 base + LoRA) or "full" (every parameter trains).
   method: str = "lora"
-  lora: LoraSection = dataclasses.field(default_factory=LoraSection)
-  quant: QuantSection = dataclasses.field(default_factory=QuantSection)
+  # LoRA settings: jax_lora.LoraConfig fields (rank, alpha, targets, dropout, use_rslora,
+  # init, bias, rank_pattern, alpha_pattern) over LORA_DEFAULTS.
+  lora: LoraConfig = LORA_DEFAULTS
+  # Base quantization for method "qlora": jax_lora.QuantConfig (type, block_size,
+  # double_quant, dq_block_size) over QUANT_DEFAULTS.
+  quant: QuantConfig = QUANT_DEFAULTS
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   # Sequences per micro-batch.
   batch_size: int = 8
@@ -186,7 +177,7 @@ class TrainConfig:
   mesh: dict | None = None
 
 
-_SECTIONS = {"data": DataConfig, "lora": LoraSection, "quant": QuantSection, "optim": OptimConfig, "eval": EvalConfig}
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "eval": EvalConfig}
 
 
 def _all_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
@@ -195,7 +186,66 @@ def _all_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
     keys.append(prefix + f.name)
     if prefix == "" and f.name in _SECTIONS:
       keys.extend(_all_keys(_SECTIONS[f.name], f"{f.name}."))
+    elif prefix == "" and f.name == "lora":
+      keys.extend(f"lora.{k}" for k in _LORA_KEYS)
+    elif prefix == "" and f.name == "quant":
+      keys.extend(f"quant.{k}" for k in _QUANT_KEYS)
   return keys
+
+
+def _pairs(key: str, value: Any, kind: type) -> tuple:
+  """A ``{regex: value}`` mapping as ``((regex, value), ...)`` (rank/alpha patterns)."""
+  if not isinstance(value, dict):
+    raise ValueError(f"config key '{key}' must be a mapping of path regex to {kind.__name__}, got {value!r}")
+  return tuple((str(k), _coerce(f"{key}.{k}", kind, v)) for k, v in value.items())
+
+
+def lora_section(raw: Any, where: str = "lora", base: LoraConfig = LORA_DEFAULTS) -> LoraConfig:
+  """The :class:`jax_lora.LoraConfig` of a YAML ``lora`` mapping, over ``base``.
+
+  Keys are LoraConfig's fields (PEFT's ``r``/``lora_alpha``/``lora_dropout``/
+  ``target_modules`` are accepted too); an unknown key or a bad value raises a
+  one-line ValueError naming ``where.key``.
+  """
+  if not isinstance(raw, dict):
+    raise ValueError(f"config key '{where}' must be a mapping, got {raw!r}")
+  kw: dict[str, Any] = {}
+  for k, v in raw.items():
+    name = _PEFT_KEYS.get(k, k)
+    key = f"{where}.{k}"
+    if name not in _LORA_KEYS:
+      raise _unknown(key)
+    if name in ("rank_pattern", "alpha_pattern"):
+      kw[name] = _pairs(key, v, int if name == "rank_pattern" else float)
+    else:
+      kw[name] = _coerce(key, {"rank": int, "alpha": float, "dropout": float, "use_rslora": bool,
+                               "targets": tuple[str, ...]}.get(name, str), v)
+  try:
+    return dataclasses.replace(base, **kw)
+  except ValueError as e:
+    raise _keyed(e, "LoraConfig", where) from None
+
+
+def _keyed(e: ValueError, cls: str, where: str) -> ValueError:
+  """The library's "LoraConfig.rank must ..." as "config key 'lora.rank' must ..."."""
+  msg, n = re.subn(rf"{cls}\.(\w+)(=\S+)?", lambda m: f"config key '{where}.{m.group(1)}'", str(e))
+  return ValueError(msg if n else f"config key '{where}': {e}")
+
+
+def quant_section(raw: Any, where: str = "quant", base: QuantConfig = QUANT_DEFAULTS) -> QuantConfig:
+  """The :class:`jax_lora.QuantConfig` of a YAML ``quant`` mapping, over ``base``."""
+  if not isinstance(raw, dict):
+    raise ValueError(f"config key '{where}' must be a mapping, got {raw!r}")
+  kw: dict[str, Any] = {}
+  for k, v in raw.items():
+    key = f"{where}.{k}"
+    if k not in _QUANT_KEYS:
+      raise _unknown(key)
+    kw[_QUANT_KEYS[k]] = _coerce(key, {"double_quant": bool, "type": str, "scheme": str}.get(k, int), v)
+  try:
+    return dataclasses.replace(base, **kw)
+  except ValueError as e:
+    raise _keyed(e, "QuantConfig", where) from None
 
 
 def _unknown(key: str) -> ValueError:
@@ -261,6 +311,10 @@ def _build(cls, raw: Any, prefix: str):
       raise _unknown(key)
     if prefix == "" and k in _SECTIONS:
       kwargs[k] = _build(_SECTIONS[k], v, f"{k}.")
+    elif prefix == "" and k == "lora":
+      kwargs[k] = lora_section(v or {})
+    elif prefix == "" and k == "quant":
+      kwargs[k] = quant_section(v or {})
     else:
       kwargs[k] = _coerce(key, hints[k], v)
   return cls(**kwargs)
@@ -277,7 +331,7 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 def validate(cfg: TrainConfig, check_files: bool = True) -> TrainConfig:
   """Checks values (ranges, choices, files); returns ``cfg`` or raises a one-line ValueError."""
-  from train import tasks
+  from . import tasks
 
   _choice("method", cfg.method, _METHODS)
   _choice("dtype", cfg.dtype, _DTYPES)
@@ -296,16 +350,7 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> TrainConfig:
       if p is not None:
         _check(os.path.isfile(p), f"config key 'data.{s}': file {p!r} does not exist; fix the path or remove the key")
   _check(d.bucket >= 1, f"config key 'data.bucket' must be >= 1, got {d.bucket}")
-  lo = cfg.lora
-  _check(lo.rank >= 1, f"config key 'lora.rank' must be a positive integer, got {lo.rank}")
-  _check(lo.alpha > 0 and math.isfinite(lo.alpha), f"config key 'lora.alpha' must be a positive number, got {lo.alpha}")
-  _check(0 <= lo.dropout < 1, f"config key 'lora.dropout' must be in [0, 1), got {lo.dropout}")
-  _check(len(lo.targets) > 0, "config key 'lora.targets' is empty; list path regexes or use [all-linear]")
-  _choice("lora.init", lo.init, ("kaiming", "gaussian", "pissa"))
-  _choice("lora.bias", lo.bias, ("none", "all", "lora_only"))
-  _choice("quant.type", cfg.quant.type, ("nf4", "int4", "int8"))
-  _check(cfg.quant.block_size >= 2 and cfg.quant.block_size % 2 == 0,
-         f"config key 'quant.block_size' must be an even integer >= 2 (e.g. 64), got {cfg.quant.block_size}")
+  # lora and quant are validated by jax_lora.LoraConfig / QuantConfig themselves
   o = cfg.optim
   _choice("optim.name", o.name, ("adamw",))
   _check(o.lr > 0 and math.isfinite(o.lr), f"config key 'optim.lr' must be a positive number, got {o.lr}")
@@ -383,11 +428,23 @@ def config_to_dict(cfg: TrainConfig) -> dict:
       return [plain(v) for v in x]
     return x
 
-  return plain(dataclasses.asdict(cfg))
+  out = {}
+  for f in dataclasses.fields(cfg):
+    v = getattr(cfg, f.name)
+    if f.name == "lora":
+      v = {k: dict(getattr(v, k)) if k.endswith("_pattern") else getattr(v, k) for k in _LORA_KEYS}
+    elif f.name == "quant":
+      v = {"type": v.scheme, "block_size": v.block_size, "double_quant": v.double_quant,
+           "dq_block_size": v.dq_block_size}
+    elif dataclasses.is_dataclass(v):
+      v = dataclasses.asdict(v)
+    out[f.name] = v
+  return plain(out)
 
 
 # The main job's config (German→English LoRA on the shipped SmolLM2), read when no path is given.
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.yaml")
+# It ships inside the package (configs/ of the repo is a link to it).
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.yaml")
 
 
 def read_yaml_mapping(path: str, what: str, expected: str) -> dict:
@@ -409,7 +466,7 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), c
   """Reads a YAML config (or the defaults when ``path`` is None) and applies overrides.
 
   Args:
-    path: YAML file, or None for the built-in defaults.
+    path: YAML file, or None for the packaged default config (the main job).
     overrides: ``"key=value"`` strings with dotted keys for nested sections,
       e.g. ``["optim.lr=1e-3", "lora.targets=[q_proj]"]``; values are parsed as YAML.
     check_files: verify that data files and the model path exist.
@@ -420,11 +477,9 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (), c
   Raises:
     ValueError: unknown key (with the closest known key), bad value, missing file.
   """
-  raw: Any = {}
-  if path is None and os.path.isfile(DEFAULT_CONFIG):
+  if path is None:
     path = DEFAULT_CONFIG  # `jax-lora train` with no argument runs the shipped default job
-  if path is not None:
-    raw = read_yaml_mapping(path, "config file", "a mapping of keys to values")
+  raw = read_yaml_mapping(path, "config file", "a mapping of keys to values")
   return config_from_dict(apply_overrides(raw, list(overrides)), check_files=check_files)
 
 
@@ -438,7 +493,7 @@ def resolve_data(cfg: TrainConfig) -> dict[str, str | None]:
   d = cfg.data
   paths = {"train": d.train, "validation": d.validation, "test": d.test}
   if d.train is None:
-    from train import tasks
+    from . import tasks
 
     built = tasks.build_task(d.task, d.cache_dir, d.split_seed)
     paths = {k: v if v is not None else built[k] for k, v in paths.items()}
@@ -456,23 +511,6 @@ def resolve_model(name: str) -> str:
   return name
 
 
-def _target_regex(t: str) -> str:
-  """"all-linear" → every kernel; a bare module name like "q_proj" → its kernel; else a path regex."""
-  import re
-
-  from jax_lora.config import ALL_LINEAR
-
-  if t == "all-linear":
-    return ALL_LINEAR
-  if re.fullmatch(r"\w+", t):
-    return rf"(.*/)?{t}/kernel"
-  return t
-
-
-def lora_config(cfg: TrainConfig):
-  """The ``jax_lora.LoraConfig`` of the run's ``lora`` section."""
-  from jax_lora.config import LoraConfig
-
-  lo = cfg.lora
-  return LoraConfig(rank=lo.rank, alpha=lo.alpha, targets=tuple(_target_regex(t) for t in lo.targets),
-                    dropout=lo.dropout, use_rslora=lo.use_rslora, init=lo.init, bias=lo.bias)
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+  """The run's :class:`jax_lora.LoraConfig` (its ``lora`` section)."""
+  return cfg.lora

@@ -14,6 +14,7 @@ Files in ``out_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -29,9 +30,9 @@ import optax
 import tqdm
 
 import jax_lora as jl
-from train import data as td
-from train import metrics as tm
-from train.config import OptimConfig, TrainConfig, config_to_dict, lora_config, resolve_data, resolve_model
+from . import data as td
+from . import metrics as tm
+from .config import OptimConfig, TrainConfig, config_to_dict, resolve_data, resolve_model
 
 __all__ = [
     "lr_schedule",
@@ -279,25 +280,19 @@ def _shard(cfg: TrainConfig, tx, trainable, frozen, opt_state):
   return trainable, frozen, opt_state, lambda batch: jax.device_put(batch, data)
 
 
-def _is_lora(x) -> bool:
-  return isinstance(x, jl.LoraWeight)
-
-
 def _prepare(cfg: TrainConfig, model, params):
   """``(trainable, frozen, gen_params, gen_apply)`` for the method."""
   if cfg.method == "full":
     return params, None, {"params": params}, None
-  adapted = jl.init_lora(params, lora_config(cfg), jax.random.key(cfg.seed))
+  adapted = jl.init_lora(params, cfg.lora, jax.random.key(cfg.seed))
   if cfg.method == "qlora":  # the adapted base kernels to NF4, whatever their size (A/B stay float)
     import re
 
-    from jax_lora.paths import flat_paths
-    from jax_lora.quant import QuantConfig, quantize
+    from jax_lora.adapters import lora_weights
 
-    q = cfg.quant
-    adapted_paths = tuple(re.escape(p) for p, v in flat_paths(adapted, is_leaf=_is_lora).items() if _is_lora(v))
-    adapted = quantize(adapted, QuantConfig(scheme=q.type, block_size=q.block_size, double_quant=q.double_quant,
-                                            targets=adapted_paths, compute_dtype=jnp.dtype(cfg.dtype)))
+    adapted_paths = tuple(re.escape(p) for p in lora_weights(adapted))
+    qcfg = dataclasses.replace(cfg.quant, targets=adapted_paths, compute_dtype=jnp.dtype(cfg.dtype))
+    adapted = jl.quantize(adapted, qcfg)
   trainable, frozen = jl.split(adapted, bias=cfg.lora.bias)
   return trainable, frozen, None, functools.partial(jl.linen.apply, model)
 
@@ -442,7 +437,7 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
                      "train_s": results["train_s"], "compile_s": results["compile_s"]})
   with open(os.path.join(cfg.out_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
-  from train.report import write_curves, write_report
+  from .report import write_curves, write_report
 
   write_report(cfg, results)
   write_curves(cfg.out_dir)
@@ -456,7 +451,6 @@ def _export(cfg: TrainConfig, model, mcfg, trainable, frozen, model_path: str) -
 
     save_hf(os.path.join(cfg.out_dir, "model"), trainable, mcfg)
     return
-  from jax_lora.peft import save_peft
 
-  save_peft(os.path.join(cfg.out_dir, "adapter"), jl.combine(trainable, frozen),
+  jl.save_peft(os.path.join(cfg.out_dir, "adapter"), jl.combine(trainable, frozen),
             model_type=getattr(mcfg, "model_type", "llama"), base_model_name_or_path=model_path)

@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jax_lora.files import publish_folder
 from jax_lora.models import hf
 
 __all__ = ["read_gguf", "unpermute_qk", "load_gguf", "tokenizer_from_gguf"]
@@ -140,16 +141,5 @@ def tokenizer_from_gguf(path: str, cache_dir: str | None = None):
   if cache_dir is not None:
     tmp = f"{cache_dir}.tmp{os.getpid()}"
     tok.save_pretrained(tmp)
-    _publish(tmp, cache_dir)
+    publish_folder(tmp, cache_dir)
   return tok
-
-
-def _publish(tmp: str, final: str) -> None:
-  """Renames a finished temp folder into place; a concurrent winner is kept."""
-  import shutil
-
-  os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
-  try:
-    os.rename(tmp, final)
-  except OSError:
-    shutil.rmtree(tmp, ignore_errors=True)

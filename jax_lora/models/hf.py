@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jax_lora.files import read_safetensors
 from jax_lora.models import gpt2, llama
 
 __all__ = [
@@ -74,7 +75,7 @@ def path_to_hf_key(path: str, model_type: str = "llama") -> str:
   return family(model_type).path_to_hf_key(path)
 
 
-def _ignored(key: str, config) -> bool:
+def ignored_key(key: str, config) -> bool:
   if isinstance(config, gpt2.GPT2Config):
     return gpt2.ignored_hf_keys(key)
   return key.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and key == "lm_head.weight")
@@ -97,7 +98,7 @@ def params_from_hf_state(state: Mapping[str, Any], config, dtype=jnp.float32) ->
   fam = family(config)
   flat = {}
   for key, arr in state.items():
-    if _ignored(key, config):
+    if ignored_key(key, config):
       continue
     path, arr = fam.to_flax(key, arr)
     flat[path] = jnp.asarray(arr, dtype)
@@ -135,25 +136,6 @@ def _unscanned(config):
   return config.__class__(**{**config.__dict__, "scan_layers": False}) if getattr(config, "scan_layers", False) else config
 
 
-def _read_safetensors(folder: str) -> dict[str, jax.Array]:
-  from safetensors import safe_open
-
-  index = os.path.join(folder, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.exists(os.path.join(folder, "model.safetensors")):
-    files = ["model.safetensors"]
-  else:
-    raise ValueError(f"no model.safetensors or model.safetensors.index.json in {folder}; save the model with safetensors")
-  state = {}
-  for name in files:
-    with safe_open(os.path.join(folder, name), framework="flax") as f:
-      for key in f.keys():
-        state[key] = f.get_tensor(key)
-  return state
-
-
 def load_hf(folder: str, dtype=jnp.float32, param_dtype=None, **overrides):
   """Loads a local Hugging Face causal-LM folder.
 
@@ -173,7 +155,7 @@ def load_hf(folder: str, dtype=jnp.float32, param_dtype=None, **overrides):
   with open(path) as f:
     config = config_from_hf(json.load(f), **overrides)
   param_dtype = dtype if param_dtype is None else param_dtype
-  params = params_from_hf_state(_read_safetensors(folder), config, param_dtype)
+  params = params_from_hf_state(read_safetensors(folder, framework="flax"), config, param_dtype)
   return model_from_config(config, dtype, param_dtype), params, config
 
 

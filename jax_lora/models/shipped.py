@@ -15,6 +15,7 @@ import tempfile
 
 import jax.numpy as jnp
 
+from jax_lora.files import publish_folder
 from jax_lora.models import gguf, hf
 
 __all__ = ["SMOLLM2_FILE", "smollm2_gguf_path", "smollm2_hf_folder", "default_cache_dir"]
@@ -74,7 +75,7 @@ def smollm2_hf_folder(cache_dir: str | None = None, dtype: str = "float32") -> s
       json.dump({"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"]}, f)
     if not all(os.path.exists(os.path.join(final, f)) for f in _FILES):
       shutil.rmtree(final, ignore_errors=True)  # an incomplete folder (e.g. copied by hand)
-      gguf._publish(tmp, final)
+      publish_folder(tmp, final)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return final

@@ -7,7 +7,6 @@ No model is built: for every adapted module ``m`` the tensor ``m.weight`` gets
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -16,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from jax_lora.peft import _few, adapter_modules, atomic_folder, read_peft
+from jax_lora._src.files import atomic_folder, read_safetensors
+from jax_lora._src.peft import adapter_modules, few, read_peft
 
-__all__ = ["read_model_tensors", "merged_tensors", "merge_adapter_files", "copy_side_files", "SIDE_FILES"]
+__all__ = ["merged_tensors", "merge_adapter_files", "copy_side_files", "save_tensors", "SIDE_FILES", "CONV1D_MODEL_TYPES"]
 
 # model_types whose adapted linears are transformers Conv1D modules (weights stored (in, out)).
 CONV1D_MODEL_TYPES = ("gpt2",)
@@ -27,33 +27,6 @@ CONV1D_MODEL_TYPES = ("gpt2",)
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
               "chat_template.jinja", "chat_template.json", "vocab.txt", "spiece.model")
-
-
-def weight_files(folder: str) -> list[str]:
-  """The safetensors files of a model folder (sharded or not)."""
-  index = os.path.join(folder, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      return [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-  single = os.path.join(folder, "model.safetensors")
-  if os.path.exists(single):
-    return [single]
-  found = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-  if found:
-    return found
-  raise ValueError(f"{folder} has no model.safetensors (or shards); only safetensors checkpoints are read")
-
-
-def read_model_tensors(folder: str) -> dict[str, Any]:
-  """``{key: array}`` of every tensor of a model folder (numpy; bf16 via ml_dtypes)."""
-  from safetensors import safe_open
-
-  out = {}
-  for path in weight_files(folder):
-    with safe_open(path, framework="flax") as f:
-      for k in f.keys():
-        out[k] = np.asarray(f.get_tensor(k))
-  return out
 
 
 def _base_key(module: str, keys: set[str]) -> str | None:
@@ -91,7 +64,7 @@ def merged_tensors(base: dict[str, Any], adapter_folder: str, fan_in_fan_out: bo
       bad.append(f"{k}: {tuple(w.shape)} but the adapter implies {want}")
     found[mod] = k
   if missing:
-    raise ValueError(f"{adapter_folder}: adapter modules with no '<module>.weight' in the base: {_few(missing)}; "
+    raise ValueError(f"{adapter_folder}: adapter modules with no '<module>.weight' in the base: {few(missing)}; "
                      "wrong base model?")
   if bad:
     raise ValueError(f"{adapter_folder}: adapter shapes do not fit the base: {'; '.join(bad[:3])}")
@@ -156,7 +129,7 @@ def merge_adapter_files(base: str, adapter: str, out: str, dtype: str | None = N
     raise ValueError(f"{base} has no config.json; pass a Hugging Face model folder as --base")
   with open(os.path.join(base, "config.json")) as f:
     model_type = json.load(f).get("model_type")
-  tensors = read_model_tensors(base)
+  tensors = read_safetensors(base)
   if dtype == "float32":  # widen before merging so bf16 bases merge in float32
     tensors = _cast(tensors, dtype)
   # GPT-2's Conv1D stores (in, out): PEFT merges transposed there whatever the adapter config says

@@ -4,14 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Literal
 
-__all__ = ["LoraConfig", "ALL_LINEAR"]
+from jax_lora._src.tree import first_match
+
+__all__ = ["LoraConfig", "ALL_LINEAR", "target_pattern"]
 
 # Every Flax linear kernel (Linen nn.Dense/DenseGeneral/Einsum and NNX
 # Linear/LinearGeneral/Einsum all name their weight "kernel").
 ALL_LINEAR = r"(.*/)?kernel"
+
+
+def target_pattern(target: str) -> str:
+  """The path regex of one ``LoraConfig.targets`` entry.
+
+  ``"all-linear"`` (or ``"all_linear"``) is :data:`ALL_LINEAR`; a bare name
+  such as ``"q_proj"`` (letters, digits, ``_``) means the kernel of every module
+  of that name, or every leaf of that name, anywhere in the tree (as PEFT's
+  ``target_modules`` names do); anything else is a regex fullmatched against
+  "/"-joined paths.
+
+  >>> target_pattern("q_proj")
+  '(.*/)?q_proj(/kernel)?'
+  """
+  if target in ("all-linear", "all_linear"):
+    return ALL_LINEAR
+  if re.fullmatch(r"\w+", target):
+    return rf"(.*/)?{target}(/kernel)?"
+  return target
 
 
 def _freeze_mapping(m) -> tuple[tuple[str, float], ...]:
@@ -26,14 +48,18 @@ class LoraConfig:
   """What to adapt and how. Frozen and hashable (usable as a jit static arg).
 
   Example:
-    >>> LoraConfig(rank=8, alpha=16, targets=(r".*/(q_proj|v_proj)/kernel",))
+    >>> cfg = LoraConfig(rank=8, alpha=16, targets=("q_proj", "v_proj"))
+    >>> cfg.target_patterns
+    ('(.*/)?q_proj(/kernel)?', '(.*/)?v_proj(/kernel)?')
   """
 
   # Rank r of the update B·A (A: in→r, B: r→out).
   rank: int = 8
   # Scale numerator: ΔW is multiplied by alpha/rank (alpha/sqrt(rank) with rsLoRA).
   alpha: float = 8.0
-  # Regexes fullmatched against "/"-joined parameter paths; each must match something.
+  # What to adapt: path regexes fullmatched against "/"-joined parameter paths, bare
+  # module names ("q_proj": that module's kernel anywhere) or "all-linear"; each
+  # must match something (see target_pattern).
   targets: tuple[str, ...] = (ALL_LINEAR,)
   # Dropout probability on the LoRA branch input (PEFT's lora_dropout).
   dropout: float = 0.0
@@ -63,7 +89,7 @@ class LoraConfig:
       object.__setattr__(self, "targets", (self.targets,))
     object.__setattr__(self, "targets", tuple(self.targets))
     if not isinstance(self.rank, int) or self.rank <= 0:
-      raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
+      raise ValueError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}")
     if not (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)):
       raise ValueError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
     if not 0.0 <= self.dropout < 1.0:
@@ -84,23 +110,25 @@ class LoraConfig:
       if not lay or set(lay) - set("bio") or "i" not in lay or "o" not in lay:
         raise ValueError(f"LoraConfig.layouts[{pat!r}]={lay!r}: use one of 'b','i','o' per kernel axis, with at least one 'i' and one 'o'")
 
+  @property
+  def target_patterns(self) -> tuple[str, ...]:
+    """``targets`` as path regexes (shorthands expanded, see :func:`target_pattern`)."""
+    return tuple(target_pattern(t) for t in self.targets)
+
   @classmethod
   def all_linear(cls, **kwargs) -> "LoraConfig":
     """Preset targeting every linear kernel (the QLoRA paper's recommendation)."""
     return cls(targets=(ALL_LINEAR,), **kwargs)
 
   def rank_for(self, path: str) -> int:
-    from jax_lora.paths import first_match
     r = first_match(path, self.rank_pattern)
     return self.rank if r is None else r
 
   def alpha_for(self, path: str) -> float:
-    from jax_lora.paths import first_match
     a = first_match(path, self.alpha_pattern)
     return float(self.alpha if a is None else a)
 
   def layout_for(self, path: str, ndim: int) -> str:
-    from jax_lora.paths import first_match
     lay = first_match(path, self.layouts)
     if lay is None:
       if ndim != 2:

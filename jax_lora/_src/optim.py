@@ -7,20 +7,22 @@ from typing import Any
 
 import optax
 
-from jax_lora.lora import LoraWeight, _map, _trainable_bias_paths
+from jax_lora._src.adapt import trainable_bias_paths
+from jax_lora._src.lora import LoraWeight
+from jax_lora._src.tree import map_leaves
 
 __all__ = ["lora_optimizer"]
 
 
 def _labels(adapted: Any, bias: str) -> Any:
-  bias_paths = _trainable_bias_paths(adapted, bias)
+  bias_paths = trainable_bias_paths(adapted, bias)
 
   def lab(path, v):
     if isinstance(v, LoraWeight):
       return dataclasses.replace(v, w="frozen", a="lora", b="lora")
     return "lora" if path in bias_paths else "frozen"
 
-  return _map(lab, adapted)
+  return map_leaves(lab, adapted)
 
 
 def lora_optimizer(tx: optax.GradientTransformation, bias: str = "none") -> optax.GradientTransformation:

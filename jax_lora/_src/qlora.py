@@ -1,4 +1,5 @@
-"""LoftQ initialization for QLoRA (Li et al., arXiv:2310.08659).
+"""QLoRA pieces that need both LoRA and quantization: merging onto a quantized
+base, and LoftQ initialization (Li et al., arXiv:2310.08659).
 
 Instead of A random and B = 0 on top of ``dequant(Q(W))`` (which starts training
 from the quantized model, error ``W − dequant(Q(W))``), alternate ``n_iter``
@@ -16,10 +17,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax_lora.lora import LoraWeight, _map, init_lora
-from jax_lora.quant import QuantConfig, QuantizedArray, quantize, quantize_array
+from jax_lora._src.adapt import init_lora
+from jax_lora._src.lora import LoraWeight, merged_kernel
+from jax_lora._src.quant import QuantConfig, QuantizedArray, quantize, quantize_array
+from jax_lora._src.tree import is_quantized, map_leaves
 
-__all__ = ["loftq_init", "init_loftq"]
+__all__ = ["MergeError", "merge_quantized", "loftq_init", "init_loftq"]
 
 
 def loftq_init(w: jax.Array, rank: int, n_iter: int = 1, config: QuantConfig = QuantConfig(),
@@ -76,4 +79,49 @@ def init_loftq(params: Any, lora_config, quant_config: QuantConfig, key: jax.Arr
     q, a, b = loftq_init(w, v.rank, n_iter, quant_config, v.scale)
     return dataclasses.replace(v, w=q, a=a.astype(v.a.dtype), b=b.astype(v.b.dtype))
 
-  return _map(f, adapted)
+  return map_leaves(f, adapted)
+
+
+# ------------------------------------------------------------------------------ merging
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeError:
+  """Error that re-quantizing a merged kernel adds, against the float merge dequant(W)+ΔW."""
+
+  max_abs: float
+  mean_abs: float
+  rel_frobenius: float  # ||requant - merged||_F / ||merged||_F
+
+
+def merge_quantized(adapted: Any, requantize: bool = False, dtype=None) -> tuple[Any, dict[str, MergeError]]:
+  """Merges adapters onto their dequantized bases (what the adapter saw in training).
+
+  Args:
+    adapted: tree with :class:`~jax_lora.LoraWeight` leaves whose ``w`` may be quantized.
+    requantize: re-quantize each merged kernel whose base was quantized, with the
+      base's own settings (scheme, block, double quantization, axis).
+    dtype: dtype of the float merged kernels (default: the base's original dtype).
+
+  Returns:
+    ``(params, report)``: plain params (merged kernels float, or quantized again),
+    and ``{path: MergeError}`` for every re-quantized kernel (empty otherwise).
+  """
+  report: dict[str, MergeError] = {}
+
+  def f(path, v):
+    if not isinstance(v, LoraWeight):
+      return v
+    merged = merged_kernel(v, jnp.float32)
+    target = merged.astype(dtype or v.w.dtype)
+    if not (requantize and is_quantized(v.w)):
+      return target
+    q = v.w
+    rq = quantize_array(target, q.scheme, q.block_size, double_quant=q.double_quant,
+                        dq_block_size=q.dq_block_size, axis=q.axis)
+    err = rq.dequantize(jnp.float32) - merged
+    report[path] = MergeError(float(jnp.max(jnp.abs(err))), float(jnp.mean(jnp.abs(err))),
+                              float(jnp.linalg.norm(err) / jnp.maximum(jnp.linalg.norm(merged), 1e-30)))
+    return rq
+
+  return map_leaves(f, adapted), report

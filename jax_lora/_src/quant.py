@@ -1,0 +1,481 @@
+"""Block-wise weight quantization for QLoRA: NF4 (with double quantization), int4, int8.
+
+A :class:`QuantizedArray` is a pytree node holding the stored arrays (codes and
+block constants) with static metadata (scheme, block size, original shape and
+dtype). It stands in for a float kernel anywhere: ``q.dequantize(dtype)`` is
+jit-friendly and returns the original shape, so ``jax_lora.linen.apply``
+dequantizes each weight inside the step, in the compute dtype.
+
+Memory layout (explicit, tested): the kernel is transposed so that the
+quantized axis (``axis``, the input axis of a Flax ``(in, out)`` kernel) comes
+last, i.e. a 2-D kernel is stored as ``kernel.T`` = PyTorch's ``(out, in)``.
+Blocks of ``block_size`` run along that last axis, which is bitsandbytes'
+order: the packed bytes of a 2-D kernel are exactly ``quantize_4bit(W_torch)``'s.
+4-bit codes are packed two per ``uint8``, the first element in the high nibble.
+If the quantized axis is not a multiple of ``block_size`` it is zero-padded
+(zeros never change a block's absmax); the padding is sliced off on
+dequantization and counted in :func:`bits_report`.
+
+Double quantization (bitsandbytes' scheme): ``offset = mean(absmax)``; the
+``absmax - offset`` values are quantized in flat blocks of ``dq_block_size``
+(256) with the signed 8-bit dynamic code book, leaving a uint8 code per block
+and one float32 constant per 256 blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_lora._src.tree import base_of, flat_paths, is_leaf, is_quantized, map_leaves, match_paths, with_base
+
+__all__ = [
+    "NF4_CODE",
+    "QuantConfig",
+    "QuantizedArray",
+    "BitsReport",
+    "quantize_array",
+    "quantize",
+    "dequantize",
+    "bits_report",
+    "dynamic_map",
+]
+
+# bitsandbytes' NF4 code book, index 0..15 (get_4bit_type('nf4')).
+NF4_CODE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=np.float32)
+_NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / np.float32(2)  # midpoints, float32 like bitsandbytes
+
+_SCHEMES = ("nf4", "int4", "int8")
+_LEVELS = {"int4": 7, "int8": 127}  # symmetric: codes in [-L, L], value = code/L · absmax
+_TINY = np.float32(1e-38)  # absmax floor: an all-zero block quantizes to code 0.0, never divides by zero
+
+
+@functools.cache
+def dynamic_map() -> np.ndarray:
+  """bitsandbytes' signed 8-bit dynamic code book (``create_dynamic_map(signed=True)``), sorted."""
+  data = []
+  for i in range(7):
+    n = 2**i + 1
+    bounds = _linspace_f32(0.1, 1.0, n)
+    means = (bounds[:-1] + bounds[1:]) / np.float32(2)
+    for sign in (1.0, -1.0):
+      data += (np.float32(sign * 10.0 ** (-6 + i)) * means).astype(np.float32).tolist()  # float32 product, like torch
+  data += [0.0, 1.0]
+  data.sort()
+  return np.asarray(data, dtype=np.float32)
+
+
+def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+  # torch.linspace in float32 (fused multiply-add): first half counted from start, second from end.
+  s, e = np.float32(start), np.float32(end)
+  step = np.float64(np.float32((e - s) / np.float32(steps - 1)))
+  i = np.arange(steps)
+  lo = s + step * i.astype(np.float32)
+  hi = e - step * (steps - 1 - i).astype(np.float32)
+  return np.where(i < steps // 2, lo, hi).astype(np.float32)
+
+
+@functools.cache
+def _pair_table(scheme: str) -> np.ndarray:
+  """(256, 2) float32: the (high, low) nibble values of every byte."""
+  b = np.arange(256)
+  hi, lo = b >> 4, b & 0xF
+  if scheme == "nf4":
+    return np.stack([NF4_CODE[hi], NF4_CODE[lo]], -1)
+  sext = lambda v: np.where(v >= 8, v - 16, v).astype(np.float32)  # two's-complement nibble
+  return np.stack([sext(hi), sext(lo)], -1) * np.float32(1.0 / _LEVELS[scheme])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+  """How :func:`quantize` quantizes a parameter tree."""
+
+  scheme: str = "nf4"  # "nf4" (QLoRA), "int4" (symmetric, levels ±7) or "int8" (symmetric, ±127)
+  block_size: int = 64  # values per absmax constant, along the quantized axis (even, ≥ 2)
+  double_quant: bool = True  # quantize the absmax constants too (8-bit dynamic codes, bitsandbytes' scheme)
+  dq_block_size: int = 256  # absmax constants per second-level constant
+  targets: tuple[str, ...] | None = None  # regexes fullmatched on "/" paths; None: every ≥2-D "kernel" leaf
+  min_size: int = 4096  # with targets=None, smaller kernels stay float
+  axis: int = -2  # kernel axis the blocks run along: the input axis of (in, out) and (layers, in, out) kernels
+  compute_dtype: Any = jnp.bfloat16  # dtype dequantized weights are computed in (jax_lora.linen.apply)
+
+  def __post_init__(self):
+    if self.scheme not in _SCHEMES:
+      raise ValueError(f"QuantConfig.scheme={self.scheme!r} is unknown; use one of {_SCHEMES}")
+    if self.block_size < 2 or self.block_size % 2:
+      raise ValueError(f"QuantConfig.block_size={self.block_size} must be an even number ≥ 2 (e.g. 64)")
+    if self.dq_block_size < 1:
+      raise ValueError(f"QuantConfig.dq_block_size={self.dq_block_size} must be ≥ 1 (e.g. 256)")
+    if isinstance(self.targets, str):
+      raise ValueError("QuantConfig.targets must be a tuple of regexes, not a string; wrap it: (pattern,)")
+
+
+def _field(static: bool = False, default=dataclasses.MISSING):
+  return dataclasses.field(default=default, metadata=dict(static=static))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizedArray:
+  """A block-quantized weight; ``.shape``/``.dtype`` describe the original float weight.
+
+  Data (pytree children): ``codes`` (uint8, two 4-bit codes per byte, or int8),
+  shaped ``(*rest, K_padded // 2)`` (4-bit) or ``(*rest, K_padded)`` (int8) where
+  ``rest`` are the other axes in order and ``K`` the quantized axis; either
+  ``absmax`` (float32, ``(*rest, K_padded // block_size)``) or its double-quantized
+  parts ``absmax_codes`` (uint8, same shape), ``nested_absmax`` (float32, one per
+  ``dq_block_size`` flat absmax values) and ``offset`` (float32 scalar).
+  """
+
+  jax_lora_node = True  # a single leaf for jax_lora's tree maps (not a dataclass field)
+
+  codes: jax.Array
+  absmax: jax.Array | None = None
+  absmax_codes: jax.Array | None = None
+  nested_absmax: jax.Array | None = None
+  offset: jax.Array | None = None
+  scheme: str = _field(True, "nf4")
+  block_size: int = _field(True, 64)
+  dq_block_size: int = _field(True, 256)
+  shape: tuple[int, ...] = _field(True, ())
+  dtype: Any = _field(True, np.dtype(np.float32))
+  axis: int = _field(True, 0)  # non-negative index of the quantized axis in ``shape``
+
+  # ---------------------------------------------------------------- shape-like
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def double_quant(self) -> bool:
+    return self.absmax_codes is not None
+
+  @property
+  def perm(self) -> tuple[int, ...]:
+    """Axis order of the stored layout: the other axes, then the quantized axis."""
+    return tuple(i for i in range(self.ndim) if i != self.axis) + (self.axis,)
+
+  @property
+  def padded(self) -> int:
+    """Length of the quantized axis after padding to a multiple of ``block_size``."""
+    k = self.shape[self.axis]
+    return -(-k // self.block_size) * self.block_size
+
+  def __repr__(self):
+    dq = ", double_quant" if self.double_quant else ""
+    return f"QuantizedArray({self.scheme}, shape={self.shape}, dtype={np.dtype(self.dtype).name}, block={self.block_size}{dq})"
+
+  # ---------------------------------------------------------------- values
+  def local(self) -> "QuantizedArray":
+    """Self with ``shape``/``axis`` matching the arrays after leading axes were sliced off
+    (``nn.scan`` slices every data field but keeps the static metadata)."""
+    k = self.ndim - self.codes.ndim
+    if k <= 0:
+      return self
+    return dataclasses.replace(self, shape=self.shape[k:], axis=self.axis - k)
+
+  def scales(self) -> jax.Array:
+    """The float32 absmax per block, ``(*rest, K_padded // block_size)`` (reconstructed if double-quantized)."""
+    if not self.double_quant:
+      return self.absmax.astype(jnp.float32)
+    ac = self.absmax_codes
+    lead = ac.shape[:-2]
+    rows = ac.reshape(math.prod(lead), -1)
+    n = rows.shape[1]
+    nested = self.nested_absmax.reshape(rows.shape[0], -1).astype(jnp.float32)
+    nb = nested.shape[1]
+    vals = jnp.asarray(dynamic_map())[rows.astype(jnp.int32)]
+    vals = jnp.pad(vals, ((0, 0), (0, nb * self.dq_block_size - n))).reshape(-1, nb, self.dq_block_size)
+    rec = (vals * nested[..., None]).reshape(rows.shape[0], -1)[:, :n]
+    rec = rec + self.offset.reshape(-1, 1).astype(jnp.float32)
+    return rec.reshape(ac.shape)
+
+  def unpacked(self) -> jax.Array:
+    """Integer codes, one per element, in the stored layout ``(*rest, K_padded)``."""
+    self = self.local()
+    c = self.codes
+    if self.scheme == "int8":
+      return c
+    if self.scheme == "nf4":
+      hi, lo = c >> 4, c & 0xF
+    else:  # int4: two's-complement nibbles, sign-extended with arithmetic shifts
+      s = c.astype(jnp.int8)
+      hi, lo = s >> 4, (s << 4) >> 4
+    return jnp.stack([hi, lo], axis=-1).reshape(c.shape[:-1] + (c.shape[-1] * 2,))
+
+  def dequantize(self, dtype=None) -> jax.Array:
+    """The float weight in its original shape (``dtype``: default the original dtype)."""
+    self = self.local()
+    dtype = self.dtype if dtype is None else dtype
+    c = self.codes
+    if self.scheme == "int8":
+      vals = c.astype(jnp.float32) * jnp.float32(1.0 / _LEVELS["int8"])
+    else:  # one look-up per byte gives both values (2x faster than unpacking on CPU)
+      vals = jnp.asarray(_pair_table(self.scheme))[c.astype(jnp.int32)]
+    shape = c.shape[:-1] + (self.padded,)
+    nblk = self.padded // self.block_size
+    w = (vals.reshape(shape[:-1] + (nblk, self.block_size)) * self.scales()[..., None]).reshape(shape)
+    w = w[..., :self.shape[self.axis]].astype(dtype)
+    return jnp.transpose(w, np.argsort(self.perm))
+
+  # ---------------------------------------------------------------- sharding
+  def shard_specs(self, kernel_spec, axis_sizes: dict[str, int]) -> "QuantizedArray":
+    """PartitionSpecs for the stored arrays given the float kernel's spec (cut at block boundaries).
+
+    Raises:
+      ValueError: if the quantized axis is sharded and a block would straddle two shards.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    spec = list(kernel_spec) + [None] * (self.ndim - len(kernel_spec))
+    kspec = spec[self.axis]
+    if kspec is not None:
+      names = kspec if isinstance(kspec, tuple) else (kspec,)
+      n = math.prod(axis_sizes[a] for a in names)
+      k = self.shape[self.axis]
+      if self.padded != k or (k // n) % self.block_size or k % n:
+        raise ValueError(f"quantized axis of length {k} split {n} ways cuts {self.block_size}-value blocks; "
+                         f"shard another axis or use a block size dividing {k // max(n, 1)}")
+    stored = P(*[spec[i] for i in self.perm])
+    opt = lambda x, s: None if x is None else s
+    return dataclasses.replace(self, codes=stored, absmax=opt(self.absmax, stored),
+                               absmax_codes=opt(self.absmax_codes, stored),
+                               nested_absmax=opt(self.nested_absmax, P()), offset=opt(self.offset, P()))
+
+
+jax.tree_util.register_dataclass(QuantizedArray)
+
+
+# ------------------------------------------------------------------------------ quantize one array
+
+
+def _block_absmax(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """(x as (*rest, nblk, block), absmax (*rest, nblk)) for x of shape (*rest, K) with K % block == 0."""
+  xb = x.reshape(x.shape[:-1] + (x.shape[-1] // block, block))
+  return xb, jnp.max(jnp.abs(xb), axis=-1)
+
+
+def _nf4_codes(scaled: jax.Array) -> jax.Array:
+  # index of the nearest code: number of midpoints strictly below the value (ties go low, like bitsandbytes).
+  idx = jnp.zeros(scaled.shape, jnp.uint8)
+  for b in _NF4_BOUNDS:
+    idx = idx + (scaled > b).astype(jnp.uint8)
+  return idx
+
+
+def _pack(q: jax.Array) -> jax.Array:
+  """Two 4-bit codes per byte along the last axis, the first in the high nibble."""
+  q = q.astype(jnp.uint8).reshape(q.shape[:-1] + (q.shape[-1] // 2, 2))
+  return (q[..., 0] << 4) | (q[..., 1] & 0xF)
+
+
+@functools.cache
+def _dq_lut() -> np.ndarray:
+  """Code of the nearest dynamic-map entry for each of 65536 grid points on [-1, 1].
+
+  bitsandbytes 0.50 on CPU rounds the normalized value to this 16-bit grid before
+  the look-up, so a value within half a grid step (1.5e-5) of the midpoint
+  between two codes can land on the farther one; using the same grid keeps our
+  codes identical to bitsandbytes'.
+  """
+  code = dynamic_map().astype(np.float64)
+  centers = np.arange(65536, dtype=np.float64) / 65535 * 2 - 1
+  i = np.clip(np.searchsorted(code, centers, side="right") - 1, 0, code.shape[0] - 2)
+  return (i + (np.abs(centers - code[i + 1]) < np.abs(centers - code[i]))).astype(np.uint8)
+
+
+def _dq_codes(v: jax.Array) -> jax.Array:
+  """8-bit dynamic codes for v in [-1, 1]: the 16-bit grid look-up bitsandbytes uses."""
+  v = jnp.clip(v, -1.0, 1.0)
+  idx = jnp.trunc(((v + 1.0) * 0.5) * 65535.0 + 0.5).astype(jnp.int32)
+  return jnp.asarray(_dq_lut())[idx]
+
+
+def _double_quantize(absmax: jax.Array, dq_block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """bitsandbytes' double quantization of the absmax constants.
+
+  2-D weights (absmax ``(out, nblk)``) use one offset and nested blocks over the
+  flat absmax, exactly like bitsandbytes. Stacked weights (``(*lead, out, nblk)``,
+  e.g. ``nn.scan`` layers) get one offset and nested constants per leading
+  index, so slicing a layer off every field (as ``nn.scan`` does) stays exact.
+  """
+  lead = absmax.shape[:-2]
+  rows = absmax.reshape(math.prod(lead), -1)
+  n = rows.shape[1]
+  offset = jnp.mean(rows, axis=1)
+  centered = rows - offset[:, None]
+  nb = -(-n // dq_block)
+  # pad with zeros of the last block's own values: padding must not change its absmax
+  padded = jnp.pad(centered, ((0, 0), (0, nb * dq_block - n))).reshape(-1, nb, dq_block)
+  nested = jnp.max(jnp.abs(padded), axis=-1)
+  normed = padded / jnp.maximum(nested, _TINY)[..., None]
+  codes = _dq_codes(normed).reshape(rows.shape[0], -1)[:, :n].reshape(absmax.shape)
+  return codes, nested.reshape(lead + (nb,)), offset.reshape(lead)
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "block_size", "double_quant", "dq_block_size", "axis"))
+def _quantize_jit(w, *, scheme, block_size, double_quant, dq_block_size, axis):
+  perm = tuple(i for i in range(w.ndim) if i != axis) + (axis,)
+  x = jnp.transpose(w.astype(jnp.float32), perm)
+  k = x.shape[-1]
+  pad = -(-k // block_size) * block_size - k
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  xb, absmax = _block_absmax(x, block_size)
+  inv = (jnp.float32(1.0) / jnp.maximum(absmax, _TINY))[..., None]
+  scaled = jnp.clip(xb * inv, -1.0, 1.0).reshape(x.shape)
+  if scheme == "nf4":
+    codes = _pack(_nf4_codes(scaled))
+  else:
+    lv = _LEVELS[scheme]
+    q = jnp.round(scaled * jnp.float32(lv)).astype(jnp.int8)
+    codes = q if scheme == "int8" else _pack(q.astype(jnp.uint8))
+  if double_quant:
+    ac, nested, offset = _double_quantize(absmax, dq_block_size)
+    return dict(codes=codes, absmax_codes=ac, nested_absmax=nested, offset=offset)
+  return dict(codes=codes, absmax=absmax)
+
+
+def quantize_array(w: Any, scheme: str = "nf4", block_size: int = 64, *, double_quant: bool = True,
+                   dq_block_size: int = 256, axis: int = -2, check_finite: bool = True) -> QuantizedArray:
+  """Quantizes one float array block-wise (blocks along ``axis``).
+
+  Args:
+    w: float array (float32/bfloat16/float16), at least 1-D.
+    scheme: "nf4", "int4" or "int8".
+    block_size: values per absmax (even); the axis is zero-padded to a multiple of it.
+    double_quant: also quantize the absmax constants (8-bit, blocks of ``dq_block_size``).
+    dq_block_size: absmax constants per second-level constant.
+    axis: the axis blocks run along (default -2: the input axis of an (in, out) kernel;
+      a 1-D array uses axis 0).
+    check_finite: raise on NaN/inf (needs a concrete array; skipped under tracing).
+
+  Returns:
+    A :class:`QuantizedArray` whose ``dequantize()`` has ``w``'s shape and dtype.
+  """
+  QuantConfig(scheme=scheme, block_size=block_size, dq_block_size=dq_block_size)  # validates
+  w = jnp.asarray(w)
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise ValueError(f"can only quantize float arrays, got dtype {w.dtype}; cast it to float32 first")
+  if w.ndim == 0 or w.size == 0:
+    raise ValueError(f"cannot quantize an array of shape {w.shape}; keep it in float (exclude it from targets)")
+  ax = axis if w.ndim > 1 else 0
+  if not -w.ndim <= ax < w.ndim:
+    raise ValueError(f"axis {axis} is out of range for shape {w.shape}; pass an axis in [-{w.ndim}, {w.ndim})")
+  ax %= w.ndim
+  if check_finite and not isinstance(w, jax.core.Tracer) and not bool(jnp.isfinite(w).all()):
+    raise ValueError(f"array of shape {w.shape} has NaN or inf values; fix the weights before quantizing")
+  parts = _quantize_jit(w, scheme=scheme, block_size=block_size, double_quant=double_quant,
+                        dq_block_size=dq_block_size, axis=ax)
+  return QuantizedArray(**parts, scheme=scheme, block_size=block_size, dq_block_size=dq_block_size,
+                        shape=tuple(w.shape), dtype=np.dtype(w.dtype), axis=ax)
+
+
+# ------------------------------------------------------------------------------ pytrees
+
+
+def _default_target(path: str, x: Any, min_size: int) -> bool:
+  return path.split("/")[-1] == "kernel" and len(np.shape(x)) >= 2 and math.prod(np.shape(x)) >= min_size
+
+
+def quantize(params: Any, config: QuantConfig = QuantConfig()) -> Any:
+  """Quantizes the targeted kernels of a parameter tree (LoRA-adapted trees too: their ``w``).
+
+  Embeddings, norms, biases and kernels smaller than ``config.min_size`` stay in
+  float unless ``config.targets`` names them. Every pattern must match a path.
+  """
+  leaves = {p: base_of(v) for p, v in flat_paths(params, is_leaf=is_leaf).items() if v is not None}
+  if config.targets is None:
+    chosen = {p for p, v in leaves.items() if not is_quantized(v) and _default_target(p, v, config.min_size)}
+  else:
+    chosen = set(match_paths(leaves.keys(), config.targets, what="quantization target"))
+
+  def q(x, path):
+    if is_quantized(x):
+      raise ValueError(f"{path!r} is already quantized; quantize the float parameters once")
+    try:
+      return quantize_array(x, config.scheme, config.block_size, double_quant=config.double_quant,
+                            dq_block_size=config.dq_block_size, axis=config.axis)
+    except ValueError as e:
+      raise ValueError(f"{path!r}: {e}") from None
+
+  def f(path, v):
+    if path not in chosen:
+      return v
+    return with_base(v, q(base_of(v), path))
+
+  return map_leaves(f, params)
+
+
+def dequantize(tree: Any, dtype=None) -> Any:
+  """Replaces every quantized array (also inside LoraWeights) by its float array."""
+
+  def f(path, v):
+    w = base_of(v)
+    return with_base(v, w.dequantize(dtype)) if is_quantized(w) else v
+
+  return map_leaves(f, tree)
+
+
+# ------------------------------------------------------------------------------ bit accounting
+
+
+@dataclasses.dataclass(frozen=True)
+class BitsReport:
+  """Stored bits, measured from the arrays (``size · itemsize · 8`` of every stored field)."""
+
+  quantized_params: int  # original elements of the quantized weights
+  quantized_bits: int  # bits actually stored for them (codes, absmax or its double-quant parts, padding)
+  float_params: int  # elements of the leaves left in float
+  float_bits: int  # their stored bits
+  per_leaf: dict[str, float]  # path -> bits per parameter of each quantized leaf
+
+  @property
+  def bits_per_param(self) -> float:
+    """Stored bits per original parameter of the quantized weights."""
+    return self.quantized_bits / max(self.quantized_params, 1)
+
+  @property
+  def total_bits_per_param(self) -> float:
+    """Stored bits per parameter over the whole tree."""
+    return (self.quantized_bits + self.float_bits) / max(self.quantized_params + self.float_params, 1)
+
+
+def _array_bits(x) -> int:
+  return int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize * 8
+
+
+def stored_bits(q: QuantizedArray) -> int:
+  """Bits stored by one quantized array (all its data fields)."""
+  return sum(_array_bits(x) for x in jax.tree.leaves(q))
+
+
+def bits_report(tree: Any) -> BitsReport:
+  """Measures stored bits per parameter for a tree holding quantized arrays (LoRA a/b excluded)."""
+  qp = qb = fp = fb = 0
+  per = {}
+  for path, v in flat_paths(tree, is_leaf=is_leaf).items():
+    v = base_of(v)
+    if v is None:
+      continue
+    if is_quantized(v):
+      bits = stored_bits(v)
+      qp, qb = qp + v.size, qb + bits
+      per[path] = bits / v.size
+    else:
+      fp, fb = fp + int(np.prod(np.shape(v))), fb + _array_bits(v)
+  return BitsReport(qp, qb, fp, fb, per)
