@@ -109,8 +109,13 @@ class AdapterBank:
   """Named adapters over one base; ``use(name)`` gives the adapted tree for that task.
 
   Example:
+    >>> import jax_lora as jl
+    >>> params = {"w": jnp.ones((4, 4))}
+    >>> cfg = jl.LoraConfig(rank=2, targets=("w",))
+    >>> a1, a2 = (jl.init_lora(params, cfg, jax.random.key(i)) for i in (1, 2))
     >>> bank = AdapterBank.from_base(params).add("sql", extract(a1)).add("chat", extract(a2))
-    >>> logits = jl.linen.apply(model, bank.use("sql"), ids)
+    >>> jl.dot(jnp.ones((1, 4)), bank.use("sql")["w"]).shape   # the "sql" adapter, unmerged
+    (1, 4)
   """
 
   base: Any  # the frozen base params, shared by every adapted tree

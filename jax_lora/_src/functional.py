@@ -18,27 +18,37 @@ def apply_fn(f: Callable[..., Any], adapted: Any, *args, dropout_rng: jax.Array 
 
   ``f`` receives the adapted tree itself: kernels are :class:`~jax_lora.LoraWeight`
   nodes that ``jax_lora.dot(x, w)`` and ``x @ w`` compute unmerged. Where ``f``
-  uses a LoRA weight any other way (``w.T``, ``jnp.einsum``...), a shape-only
-  probe sees the :class:`~jax_lora._src.lora.LoraUsageError` naming it, and that
-  one weight is merged instead, with a warning. Any other error of ``f`` is
-  raised as it is.
+  uses a LoRA weight any other way, a shape-only probe finds it: ``w.T``,
+  ``w.reshape``, ``w + 1``... raise a ``LoraUsageError`` naming the weight, which
+  is then merged; a ``TypeError``/``AttributeError`` from elsewhere (e.g.
+  ``jnp.einsum`` on a LoRA weight) merges every weight ``f`` had not consumed
+  through the fast path, and is raised as it is if ``f`` still fails with
+  them merged (then it was ``f``'s own error). Merged weights are named in a
+  warning.
 
   >>> import jax.numpy as jnp, jax_lora as jl
   >>> p = jl.init_lora({"w": jnp.eye(3)}, jl.LoraConfig(rank=1, targets=("w",)), jax.random.key(0))
   >>> jl.apply_fn(lambda p, x: x @ p["w"], p, jnp.ones((2, 3))).tolist()
   [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
   """
+  special = special_paths(adapted)
   merged: set[str] = set()
-  budget = len(special_paths(adapted))
+  first_error = None
   while True:
-    params = merge_unreached(adapted, special_paths(adapted) - merged)
+    params = merge_unreached(adapted, special - merged)
     try:
-      with lora.dropout_key(dropout_rng):
+      with lora.record_consumed() as seen, lora.dropout_key(dropout_rng):
         jax.eval_shape(lambda p: f(p, *args, **kwargs), params)
       break
     except lora.LoraUsageError as e:
-      if e.path in merged or len(merged) >= budget:
+      if e.path in merged:
         raise
       merged.add(e.path)
+    except (TypeError, AttributeError) as e:
+      rest = special - merged - seen
+      if first_error is not None or not rest:
+        raise (first_error or e) from None
+      first_error = e
+      merged |= rest
   with lora.dropout_key(dropout_rng):
     return f(params, *args, **kwargs)

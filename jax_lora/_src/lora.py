@@ -109,8 +109,7 @@ class LoraWeight:
   def _refuse(self, what):
     raise LoraUsageError(self.path, what)
 
-  def __jax_array__(self):
-    self._refuse("converted to an array")
+  __array_ufunc__ = None  # NumPy defers ``np_array @ w`` to __rmatmul__
 
   def __array__(self, *args, **kwargs):
     self._refuse("converted to a NumPy array")

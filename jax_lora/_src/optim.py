@@ -36,6 +36,8 @@ def lora_optimizer(tx: optax.GradientTransformation, bias: str = "none") -> opta
   keeps one tree.
 
   Example:
+    >>> import jax_lora as jl
+    >>> adapted = jl.init_lora({"w": jnp.ones((4, 4))}, jl.LoraConfig(rank=2, targets=("w",)), jax.random.key(0))
     >>> tx = lora_optimizer(optax.adamw(1e-3))
     >>> opt_state = tx.init(adapted)   # Adam moments for A and B only
   """

@@ -66,9 +66,11 @@ class ShardingRules:
   """Ordered ``(regex, PartitionSpec)`` pairs over parameter paths; first fullmatch wins.
 
   Example:
+    >>> from jax_lora.sharding import make_mesh
+    >>> mesh = make_mesh({"data": 2, "model": 4})   # 8 devices (tests fake them on CPU)
     >>> rules = ShardingRules(rules=((r".*/q_proj/kernel", P(None, "model")),), batch=("data",))
     >>> rules.spec("layers_0/q_proj/kernel", (64, 128), mesh)
-    PartitionSpec(None, 'model')
+    P(None, 'model')
   """
 
   # (regex, PartitionSpec) pairs; unmatched paths are replicated. Specs shorter than
