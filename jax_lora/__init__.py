@@ -2,6 +2,7 @@
 
 from jax_lora import adapters
 from jax_lora import linen
+from jax_lora import losses
 from jax_lora import models
 from jax_lora import nnx
 from jax_lora import peft
@@ -60,6 +61,7 @@ __all__ = [
     "dot",
     "init_lora",
     "linen",
+    "losses",
     "lora_optimizer",
     "lora_weights",
     "merge",
