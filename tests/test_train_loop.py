@@ -157,6 +157,15 @@ def test_other_methods_run(tiny, tmp_path, method):
   assert os.path.isdir(tmp_path / ("model" if method == "full" else "adapter"))
 
 
+def test_loss_chunk_run_matches_unchunked(tiny, tmp_path):
+  """loss_chunk (LM head + loss in chunks of 8 tokens) trains to the same weights as the default path."""
+  kw = {"steps": 1, "eval_every": 0, "checkpoint_every": 0, "eval.num_test": 0}
+  plain = tl.train(_cfg(tiny, tmp_path / "plain", **kw))
+  chunked = tl.train(_cfg(tiny, tmp_path / "chunked", loss_chunk=8, **kw))
+  assert chunked["before"]["validation_loss"] == pytest.approx(plain["before"]["validation_loss"], rel=1e-5)
+  assert chunked["after"]["validation_loss"] == pytest.approx(plain["after"]["validation_loss"], rel=1e-4)
+
+
 def test_cli_errors_and_dry_run(tiny, tmp_path, capsys):
   from train.cli import main
 
