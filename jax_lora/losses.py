@@ -8,6 +8,12 @@ gradient). :func:`chunked_token_nll` runs the LM head and the cross-entropy on
 recomputes one chunk's logits at a time. Values and gradients (w.r.t. the
 hidden states and the head's parameters) equal :func:`token_nll` on the full
 logits, up to float32 summation order.
+
+Memory (XLA:CPU compiled temp bytes of value-and-grad, ``bench/bench_loss.py``):
+about two (chunk, V) float32 buffers when the head kernel is frozen (LoRA);
+when the kernel is differentiated too (full fine-tuning, tied embeddings) one
+(d, V) float32 gradient accumulator (the scan carry) plus about one chunk.
+The plain loss needs two (N, V) buffers: logits and their gradient.
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ def chunked_token_nll(head: Callable[..., jax.Array], head_params: Any, hidden: 
   (chunk, V) logits: the tokens are padded (weight 0) to a multiple of
   ``chunk`` and scanned over, and each chunk's head + cross-entropy is
   recomputed in the backward pass instead of saved. The price is one more
-  head matmul per chunk in the backward pass.
+  head matmul per chunk in the backward pass. Chunks take every m-th token
+  (m = number of chunks), so when the tokens are sharded over a data mesh axis
+  each chunk is too (no gathers, no replicated head compute).
 
   Example:
 
@@ -100,9 +108,12 @@ def chunked_token_nll(head: Callable[..., jax.Array], head_params: Any, hidden: 
     return token_nll(call(head_params, hidden, 0), targets, weights)
   m = -(-n // chunk)
   pad = m * chunk - n
-  w = jnp.pad(weights.astype(jnp.float32), (0, pad))
-  xs = (jnp.pad(hidden, ((0, pad), (0, 0))).reshape(m, chunk, d),
-        jnp.pad(targets, (0, pad)).reshape(m, chunk), w.reshape(m, chunk), jnp.arange(m))
+  w = weights.astype(jnp.float32)
+
+  def strided(x):  # chunk i holds rows i, i + m, i + 2m, ...: on a data-sharded N every device has a share
+    return jnp.swapaxes(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(chunk, m, *x.shape[1:]), 0, 1)
+
+  xs = (strided(hidden), strided(targets), strided(w), jnp.arange(m))
 
   @jax.checkpoint  # save nothing from the body: the backward recomputes one chunk's logits
   def chunk_nll(p, h, t, wc, i):

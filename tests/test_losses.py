@@ -233,3 +233,28 @@ def test_compiled_temp_memory_bounded_by_chunk():
   plain, chunked = _temp_bytes(0, n, d, v), _temp_bytes(1024, n, d, v)
   assert plain > logits_bytes
   assert chunked < logits_bytes / 3  # about two (1024, V) float32 buffers: logits and their gradient
+
+
+def test_data_sharded_tokens_need_no_gather():
+  """Tokens sharded over a data axis: each chunk stays sharded (strided chunks), same value."""
+  import re
+
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+  h, t, w = _data(512, 16, 64)
+  k = jnp.asarray(np.random.default_rng(3).normal(size=(16, 64)), jnp.float32)
+  rows = NamedSharding(mesh, P("data"))
+  h, t, w = jax.device_put(h, rows), jax.device_put(t, rows), jax.device_put(w, rows)
+  k = jax.device_put(k, NamedSharding(mesh, P()))
+
+  def f(p, x):
+    s, n = chunked_token_nll(lambda q, y: y @ q, p, x, t, w, chunk=128)
+    return s / n
+
+  fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+  hlo = fn.lower(k, h).compile().as_text()
+  assert not re.search(r"all-gather(-start)?\(", hlo)
+  (v, g), (v_ref, g_ref) = fn(k, h), jax.value_and_grad(lambda p, x: token_nll(x @ p, t, w)[0] / w.sum(), (0, 1))(k, h)
+  _close(v, v_ref)
+  _close(g, g_ref)
