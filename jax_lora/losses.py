@@ -11,8 +11,9 @@ logits, up to float32 summation order.
 
 Memory (XLA:CPU compiled temp bytes of value-and-grad, ``bench/bench_loss.py``):
 about two (chunk, V) float32 buffers when the head kernel is frozen (LoRA);
-when the kernel is differentiated too (full fine-tuning, tied embeddings) one
-(d, V) float32 gradient accumulator (the scan carry) plus about one chunk.
+when the kernel is differentiated too (full fine-tuning, tied embeddings) about
+one chunk plus one extra (d, V) float32 buffer for summing the kernel gradient
+over chunks, so chunking pays off there once N is well above d.
 The plain loss needs two (N, V) buffers: logits and their gradient.
 """
 
