@@ -110,8 +110,17 @@ def test_other_methods_run(tiny, tmp_path, method):
   assert os.path.isdir(tmp_path / ("model" if method == "full" else "adapter"))
 
 
+def test_loss_chunk_run_matches_unchunked(tiny, tmp_path):
+  """loss_chunk (LM head + loss in chunks of 8 tokens) trains to the same weights as the default path."""
+  kw = {"steps": 1, "eval_every": 0, "checkpoint_every": 0, "eval.num_test": 0}
+  plain = tl.train(tiny.cfg(tmp_path / "plain", **kw))
+  chunked = tl.train(tiny.cfg(tmp_path / "chunked", loss_chunk=8, **kw))
+  assert chunked["before"]["validation_loss"] == pytest.approx(plain["before"]["validation_loss"], rel=1e-5)
+  assert chunked["after"]["validation_loss"] == pytest.approx(plain["after"]["validation_loss"], rel=1e-4)
+
+
 def test_cli_errors_and_dry_run(tiny, tmp_path, capsys):
-  from jax_lora_app.cli import main
+  from jax_lora_app.run import main
 
   assert main([os.path.join(os.path.dirname(__file__), "..", "configs", "default.yaml"), "optim.lrr=1"]) == 1
   assert "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)" in capsys.readouterr().err

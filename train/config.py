@@ -171,6 +171,9 @@ class TrainConfig:
   checkpoint_every: int = 0
   # Compute dtype of the model: "float32" or "bfloat16".
   dtype: str = "float32"
+  # Tokens per chunk of the LM head + cross-entropy (0: the whole batch's loss positions at once;
+  # N > 0: never more than N tokens' float32 logits, for large vocabularies and long contexts).
+  loss_chunk: int = 0
   # Decode-and-score evaluation.
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   # Device mesh for data/model parallel runs (None: one device; reserved for scale-out).
@@ -368,6 +371,7 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> TrainConfig:
   _check(cfg.steps > 0 or cfg.epochs > 0, f"config key 'epochs' must be > 0 when steps is 0, got {cfg.epochs}")
   for k in ("eval_every", "checkpoint_every"):
     _check(getattr(cfg, k) >= 0, f"config key '{k}' must be >= 0 (0: only at the end), got {getattr(cfg, k)}")
+  _check(cfg.loss_chunk >= 0, f"config key 'loss_chunk' must be >= 0 (0: no chunking), got {cfg.loss_chunk}")
   _check(cfg.log_every >= 1, f"config key 'log_every' must be >= 1, got {cfg.log_every}")
   e = cfg.eval
   _check(e.max_new_tokens >= 1, f"config key 'eval.max_new_tokens' must be >= 1, got {e.max_new_tokens}")

@@ -30,6 +30,8 @@ import optax
 import tqdm
 
 import jax_lora as jl
+from jax_lora.losses import chunked_token_nll, token_nll
+
 from . import data as td
 from . import metrics as tm
 from .config import OptimConfig, TrainConfig, config_to_dict, resolve_data, resolve_model
@@ -82,15 +84,6 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Arra
   return token_nll(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
 
 
-def token_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Summed cross-entropy ``logsumexp(logits) - logits[target]`` (no log-softmax array
-  is materialized) over weighted positions, and the weight sum."""
-  logits = logits.astype(jnp.float32)
-  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  w = weights.astype(jnp.float32)
-  return jnp.sum(nll * w), jnp.sum(w)
-
-
 def with_loss_targets(batch: dict, bucket: int = 16) -> dict:
   """Adds ``logit_pos``/``target_ids``/``target_w`` (b, k): the positions whose next
   token is trained on, packed to the left and padded to a multiple of ``bucket``.
@@ -110,21 +103,42 @@ def with_loss_targets(batch: dict, bucket: int = 16) -> dict:
   return {**batch, "logit_pos": pos, "target_ids": tid, "target_w": w}
 
 
-def make_loss_fn(model: Any, method: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
+def make_loss_fn(model: Any, method: str, loss_chunk: int = 0) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """``loss(trainable, frozen, batch, rng) -> (sum_nll, count)`` for ``method``.
 
   LoRA: ``jax_lora.linen.apply`` on ``combine(trainable, frozen)`` (LoRA kept
   unmerged, dropout from ``rng``). Full: ``model.apply`` on the params.
+  ``loss_chunk > 0``: the model's ``hidden_states`` at the loss positions, then
+  the LM head and cross-entropy ``loss_chunk`` tokens at a time
+  (:func:`jax_lora.losses.chunked_token_nll`), so no (tokens x vocab) logits of
+  the whole batch exist; 0 computes the head at all loss positions at once.
   """
+  if loss_chunk > 0 and not all(callable(getattr(model, m, None)) for m in ("hidden_states", "lm_logits")):
+    raise ValueError(f"loss_chunk > 0 needs a model with hidden_states/lm_logits methods; "
+                     f"{type(model).__name__} has none, set loss_chunk: 0")
+
+  def run(params, *args, dropout_rng=None, **kw):
+    if method == "full":
+      return model.apply({"params": params}, *args, **kw)
+    return jl.linen.apply(model, params, *args, dropout_rng=dropout_rng, **kw)
 
   def loss(trainable, frozen, batch, rng):
     gathered = "logit_pos" in batch
     kw = {"logits_index": batch["logit_pos"]} if gathered else {}
-    if method == "full":
-      logits, _ = model.apply({"params": trainable}, batch["input_ids"], batch["attention_mask"], **kw)
-    else:
-      adapted = jl.combine(trainable, frozen)
-      logits, _ = jl.linen.apply(model, adapted, batch["input_ids"], batch["attention_mask"], dropout_rng=rng, **kw)
+    params = trainable if method == "full" else jl.combine(trainable, frozen)
+    rng = None if method == "full" else rng
+    if loss_chunk > 0:
+      h = run(params, batch["input_ids"], batch["attention_mask"], method="hidden_states", dropout_rng=rng, **kw)
+      if gathered:
+        targets, weights = batch["target_ids"], batch["target_w"]
+      else:
+        h, targets, weights = h[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+
+      def head(p, x, key=None):
+        return run(p, x, method="lm_logits", dropout_rng=key)
+
+      return chunked_token_nll(head, params, h, targets, weights, chunk=loss_chunk, rng=rng)
+    logits, _ = run(params, batch["input_ids"], batch["attention_mask"], dropout_rng=rng, **kw)
     if gathered:
       return token_nll(logits, batch["target_ids"], batch["target_w"])
     return next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
@@ -346,7 +360,7 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
   del params
   tx = build_optimizer(cfg.optim, steps)
   opt_state = tx.init(trainable)
-  loss_fn = make_loss_fn(model, cfg.method)
+  loss_fn = make_loss_fn(model, cfg.method, cfg.loss_chunk)
   mngr = _checkpointer(cfg.out_dir)
   start, trainable, opt_state = _restore(mngr, trainable, opt_state)
   put_batch = None

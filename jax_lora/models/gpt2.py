@@ -174,24 +174,38 @@ class GPT2LMHeadModel(nn.Module):
   """GPT-2 with a tied LM head; same call convention as :class:`LlamaForCausalLM`.
 
   ``model.apply(params, input_ids, attention_mask=None, cache=None, index=0)``
-  returns ``(float32 logits (b, s, vocab), cache)``.
+  returns ``(float32 logits (b, s, vocab), cache)``. ``method="hidden_states"``
+  (final-norm hidden states) and ``method="lm_logits"`` (the tied head alone)
+  split the two for chunked losses, as in :class:`LlamaForCausalLM`.
   """
 
   config: GPT2Config  # architecture
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32  # parameter dtype at init
 
-  @nn.compact
+  def setup(self):
+    self.transformer = GPT2Model(self.config, dtype=self.dtype, param_dtype=self.param_dtype, name="transformer")
+
   def __call__(self, input_ids, attention_mask=None, cache=None, index=0, logits_index=None):
-    b, s = input_ids.shape
+    x, cache = self._trunk(input_ids, attention_mask, cache, index, logits_index)
+    return self.lm_logits(x), cache
+
+  def hidden_states(self, input_ids, attention_mask=None, logits_index=None):
+    """Final-norm hidden states (b, s, d), or (b, k, d) at ``logits_index``; no LM head, no cache."""
+    return self._trunk(input_ids, attention_mask, None, 0, logits_index)[0]
+
+  def lm_logits(self, hidden):
+    """The tied LM head alone: hidden states (..., d) -> float32 logits (..., vocab)."""
+    lead = hidden.shape[:-1]
+    logits = self.transformer.logits(hidden.reshape(-1, hidden.shape[-1]))
+    return logits.reshape(*lead, -1).astype(logits_dtype(self.dtype))
+
+  def _trunk(self, input_ids, attention_mask, cache, index, logits_index):
     mask, positions = mask_and_positions(input_ids, attention_mask, cache, index)
-    tr = GPT2Model(self.config, dtype=self.dtype, param_dtype=self.param_dtype, name="transformer")
-    x, cache = tr(input_ids, mask, positions, cache, index)
+    x, cache = self.transformer(input_ids, mask, positions, cache, index)
     if logits_index is not None:  # logits only where needed (see LlamaForCausalLM)
       x = jnp.take_along_axis(x, logits_index[..., None], axis=1)
-      s = logits_index.shape[1]
-    logits = tr.logits(x.reshape(b * s, -1))
-    return logits.reshape(b, s, -1).astype(logits_dtype(self.dtype)), cache
+    return x, cache
 
 
 def init_cache(config: GPT2Config, batch: int, max_len: int, dtype=jnp.float32):

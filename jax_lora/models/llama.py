@@ -366,30 +366,46 @@ class LlamaForCausalLM(nn.Module):
   ``index..index+s-1``. Positions are counted from the mask, so left and right
   padding both work. Returns ``(logits, cache)``: float32 logits (b, s, vocab)
   and the updated cache (None when none was given).
+
+  For a loss that never holds every position's logits at once (see
+  :func:`jax_lora.losses.chunked_token_nll`), ``method="hidden_states"`` returns
+  the final-norm hidden states and ``method="lm_logits"`` applies only the LM
+  head (tied embedding or ``lm_head``) to hidden states.
   """
 
   config: LlamaConfig  # architecture
   dtype: Any = jnp.float32  # compute dtype (e.g. jnp.bfloat16)
   param_dtype: Any = jnp.float32  # parameter dtype at init
 
-  @nn.compact
+  def setup(self):
+    c = self.config
+    self.model = LlamaModel(c, dtype=self.dtype, param_dtype=self.param_dtype, name="model")
+    if not c.tie_word_embeddings:
+      self.lm_head = _dense(c.vocab_size, "lm_head", False, self.dtype, self.param_dtype)
+
   def __call__(self, input_ids, attention_mask=None, cache=None, index=0, logits_index=None):
     """``logits_index`` (b, k) int, optional: compute logits only at these positions
     (returns (b, k, vocab)); training on completions skips most of the LM head."""
-    c = self.config
-    b, s = input_ids.shape
+    x, cache = self._trunk(input_ids, attention_mask, cache, index, logits_index)
+    return self.lm_logits(x), cache
+
+  def hidden_states(self, input_ids, attention_mask=None, logits_index=None):
+    """Final-norm hidden states (b, s, d), or (b, k, d) at ``logits_index``; no LM head, no cache."""
+    return self._trunk(input_ids, attention_mask, None, 0, logits_index)[0]
+
+  def lm_logits(self, hidden):
+    """The LM head alone: hidden states (..., d) -> logits (..., vocab), float32 (float64 for float64 models)."""
+    lead = hidden.shape[:-1]
+    x = hidden.reshape(-1, hidden.shape[-1])
+    logits = self.model.logits_tied(x) if self.config.tie_word_embeddings else self.lm_head(x)
+    return logits.reshape(*lead, -1).astype(logits_dtype(self.dtype))
+
+  def _trunk(self, input_ids, attention_mask, cache, index, logits_index):
     mask, positions = mask_and_positions(input_ids, attention_mask, cache, index)
-    model = LlamaModel(c, dtype=self.dtype, param_dtype=self.param_dtype, name="model")
-    x, cache = model(input_ids, mask, positions, cache, index)
+    x, cache = self.model(input_ids, mask, positions, cache, index)
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[..., None], axis=1)
-      s = logits_index.shape[1]
-    x = x.reshape(b * s, -1)
-    if c.tie_word_embeddings:
-      logits = model.logits_tied(x)
-    else:
-      logits = _dense(c.vocab_size, "lm_head", False, self.dtype, self.param_dtype)(x)
-    return logits.reshape(b, s, -1).astype(logits_dtype(self.dtype)), cache
+    return x, cache
 
 
 def logits_dtype(dtype) -> Any:
