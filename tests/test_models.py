@@ -151,7 +151,7 @@ def test_hf_key_mapping_round_trips_every_checkpoint_key(tiny, name):
   m, folder = tiny[name]
   _, params, _ = hf.load_hf(folder)
   paths = set(flat_paths(params["params"]))
-  keys = [k for k in m.state_dict() if not hf._ignored(k, hf.load_hf(folder)[2])]
+  keys = [k for k in m.state_dict() if not hf.ignored_key(k, hf.load_hf(folder)[2])]
   assert {hf.hf_key_to_path(k, name) for k in keys} == paths
   assert all(hf.path_to_hf_key(hf.hf_key_to_path(k, name), name) == k for k in keys)
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from jax_lora.files import atomic_file, write_text
+
 from .config import TrainConfig, config_to_dict, load_config, read_yaml_mapping
 
 __all__ = ["Run", "load_plan", "run_plan", "table", "main"]
@@ -265,13 +267,6 @@ def table(kind: str, rows: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _sweep_plot(rows: Sequence[dict], key: str, path: str) -> None:
   import matplotlib
 
@@ -293,18 +288,17 @@ def _sweep_plot(rows: Sequence[dict], key: str, path: str) -> None:
     if all(isinstance(x, (int, float)) and x > 0 for x in xs):
       ax.set_xscale("log", base=2)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
+  with atomic_file(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def write_outputs(kind: str, out_dir: str, rows: Sequence[dict], sweep_key: str | None = None) -> dict[str, str]:
   """Writes ``<kind>.md`` and ``<kind>.json`` (and ``sweep.png``) in ``out_dir``; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {"md": os.path.join(out_dir, f"{kind}.md"), "json": os.path.join(out_dir, f"{kind}.json")}
-  _write(paths["md"], table(kind, rows))
-  _write(paths["json"], json.dumps({"kind": kind, "runs": list(rows)}, indent=1))
+  write_text(paths["md"], table(kind, rows))
+  write_text(paths["json"], json.dumps({"kind": kind, "runs": list(rows)}, indent=1))
   if kind == "sweep":
     paths["png"] = os.path.join(out_dir, "sweep.png")
     _sweep_plot(rows, sweep_key or "value", paths["png"])

@@ -31,6 +31,8 @@ import tqdm
 
 import jax_lora as jl
 from jax_lora.losses import chunked_token_nll, token_nll
+from jax_lora.files import write_text
+from jax_lora.tree import path_str
 
 from . import data as td
 from . import metrics as tm
@@ -151,6 +153,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   """Jitted ``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss)``.
 
   The gradient is of the token-mean loss of the batch, taken w.r.t. ``trainable`` only.
+  Each batch shape is compiled ahead of time, once (``jit(...).lower(...).compile()``);
+  after a call, ``step.compile_s`` is the seconds that call spent compiling (0.0 when
+  it reused an executable), so step times can leave compiles out.
   """
 
   def mean_loss(trainable, frozen, batch, rng):
@@ -163,13 +168,22 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
+  executables: dict[Any, Any] = {}
+
   def step(trainable, opt_state, frozen, batch, rng):
     batch = with_loss_targets(batch, loss_bucket)  # one k for most batches: few recompiles
     if put_batch is not None:  # on a mesh: split the batch over the data axes
       batch = put_batch(batch)
-    return jitted(trainable, opt_state, frozen, batch, rng)
+    key = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+    step.compile_s = 0.0
+    if key not in executables:
+      t = time.perf_counter()
+      executables[key] = jitted.lower(trainable, opt_state, frozen, batch, rng).compile()
+      step.compile_s = time.perf_counter() - t
+    return executables[key](trainable, opt_state, frozen, batch, rng)
 
   step.jitted = jitted
+  step.compile_s = 0.0
   return step
 
 
@@ -247,15 +261,27 @@ def _checkpointer(out_dir: str):
                                options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
 
-def _leaves_dict(tree) -> dict[str, Any]:
-  return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
+def _by_path(tree) -> dict[str, Any]:
+  """``tree``'s array leaves as a nested dict keyed by their path components (what a
+  checkpoint stores: a leaf is found again by its path, not by its position)."""
+  from flax import traverse_util
+
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return traverse_util.unflatten_dict({tuple(path_str(kp).split("/")): x for kp, x in flat})
+
+
+def _from_paths(tree, stored: dict) -> Any:
+  from flax import traverse_util
+
+  flat = traverse_util.flatten_dict(stored)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return jax.tree.unflatten(jax.tree.structure(tree), [flat[tuple(path_str(kp).split("/"))] for kp, _ in leaves])
 
 
 def _save(mngr, step: int, trainable, opt_state) -> None:
   import orbax.checkpoint as ocp
 
-  state = {"trainable": _leaves_dict(trainable), "opt_state": _leaves_dict(opt_state)}
-  mngr.save(step, args=ocp.args.StandardSave(state))
+  mngr.save(step, args=ocp.args.StandardSave({"trainable": _by_path(trainable), "opt_state": _by_path(opt_state)}))
   mngr.wait_until_finished()
 
 
@@ -266,11 +292,14 @@ def _restore(mngr, trainable, opt_state):
   step = mngr.latest_step()
   if step is None:
     return 0, trainable, opt_state
-  target = {"trainable": _leaves_dict(trainable), "opt_state": _leaves_dict(opt_state)}
+  target = {"trainable": _by_path(trainable), "opt_state": _by_path(opt_state)}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  got = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-  rebuild = lambda tree, d: jax.tree.unflatten(jax.tree.structure(tree), [d[k] for k in sorted(d)])
-  return step, rebuild(trainable, got["trainable"]), rebuild(opt_state, got["opt_state"])
+  try:
+    got = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"the checkpoint at step {step} in {mngr.directory} does not fit this config's parameters "
+                     f"({type(e).__name__}); use a new out_dir") from None
+  return step, _from_paths(trainable, got["trainable"]), _from_paths(opt_state, got["opt_state"])
 
 
 def _shard(cfg: TrainConfig, tx, trainable, frozen, opt_state):
@@ -319,6 +348,48 @@ def _test_scores(cfg, model, gen_params, gen_apply, tok, test_rows) -> tuple[dic
   return tm.score(cfg.eval.metrics, hyps, refs), hyps
 
 
+@dataclasses.dataclass(frozen=True)
+class _Data:
+  """A run's tokenized data: the training batcher, validation batches, test rows."""
+
+  batcher: Any
+  train_examples: int
+  val_batches: list
+  test_rows: list
+
+
+def _load_data(cfg: TrainConfig, tok) -> _Data:
+  paths = resolve_data(cfg)
+  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  train_ex = td.tokenize_rows(tok, td.load_rows(paths["train"]), cfg.seq_len)
+  batcher = td.Batcher(train_ex, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad, seed=cfg.seed,
+                       packing=cfg.data.packing, bucket=cfg.data.bucket)
+  val_batches = []
+  if paths["validation"]:
+    val_rows = td.load_rows(paths["validation"])
+    if cfg.eval.num_validation:
+      val_rows = val_rows[: cfg.eval.num_validation]
+    val_batches = td.eval_batches(td.tokenize_rows(tok, val_rows, cfg.seq_len), batch_size=cfg.batch_size,
+                                  seq_len=cfg.seq_len, pad_id=pad, bucket=cfg.data.bucket)
+  test_rows = []
+  if paths["test"] and cfg.eval.num_test:
+    test_rows = [r for r in td.load_rows(paths["test"]) if "prompt" in r][: cfg.eval.num_test]
+  return _Data(batcher, len(train_ex), val_batches, test_rows)
+
+
+def _metrics_row(event: str, step: int, scores: dict) -> dict:
+  """A metrics.jsonl row from evaluation scores (the validation loss is ``val_loss`` there)."""
+  row = {"event": event, "step": step}
+  for k, v in scores.items():
+    if k != "samples":
+      row["val_loss" if k == "validation_loss" else k] = v
+  return row
+
+
+def _write_json(path: str, obj: Any) -> None:
+  write_text(path, json.dumps(obj, indent=1))
+
+
 def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, Any]:
   """Runs one fine-tuning job (resuming from ``out_dir/checkpoints`` if present).
 
@@ -334,84 +405,87 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
   import yaml
 
   os.makedirs(cfg.out_dir, exist_ok=True)
-  with open(os.path.join(cfg.out_dir, "config.yaml"), "w", encoding="utf-8") as f:
-    yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+  write_text(os.path.join(cfg.out_dir, "config.yaml"), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
   t0 = time.perf_counter()
-  paths = resolve_data(cfg)
   model, params, mcfg, tok, model_path = load_model(cfg.model, cfg.dtype)
-  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  train_ex = td.tokenize_rows(tok, td.load_rows(paths["train"]), cfg.seq_len)
-  batcher = td.Batcher(train_ex, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad, seed=cfg.seed,
-                       packing=cfg.data.packing, bucket=cfg.data.bucket)
-  val_batches = []
-  if paths["validation"]:
-    val_rows = td.load_rows(paths["validation"])
-    if cfg.eval.num_validation:
-      val_rows = val_rows[: cfg.eval.num_validation]
-    val_batches = td.eval_batches(td.tokenize_rows(tok, val_rows, cfg.seq_len), batch_size=cfg.batch_size,
-                                  seq_len=cfg.seq_len, pad_id=pad, bucket=cfg.data.bucket)
-  test_rows = []
-  if paths["test"] and cfg.eval.num_test:
-    test_rows = [r for r in td.load_rows(paths["test"]) if "prompt" in r][: cfg.eval.num_test]
-  steps = batcher.num_steps(cfg.steps, cfg.epochs / cfg.optim.grad_accum)
-  accum = cfg.optim.grad_accum
-
-  trainable, frozen, gen_params, gen_apply = _prepare(cfg, model, params)
+  data = _load_data(cfg, tok)
+  steps = data.batcher.num_steps(cfg.steps, cfg.epochs / cfg.optim.grad_accum)
+  trainable, frozen, _, gen_apply = _prepare(cfg, model, params)
   del params
   tx = build_optimizer(cfg.optim, steps)
-  opt_state = tx.init(trainable)
   loss_fn = make_loss_fn(model, cfg.method, cfg.loss_chunk)
   mngr = _checkpointer(cfg.out_dir)
-  start, trainable, opt_state = _restore(mngr, trainable, opt_state)
+  start, trainable, opt_state = _restore(mngr, trainable, tx.init(trainable))
   put_batch = None
   if cfg.mesh:
     trainable, frozen, opt_state, put_batch = _shard(cfg, tx, trainable, frozen, opt_state)
   step_fn = make_train_step(loss_fn, tx, put_batch, loss_bucket=max(16, cfg.seq_len // 2))
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
-  _log(cfg.out_dir, {"event": "setup", "model": model_path, "method": cfg.method, "train_examples": len(train_ex),
-                     "steps": steps, "trainable_params": n_train, "resumed_from": start,
+  _log(cfg.out_dir, {"event": "setup", "model": model_path, "method": cfg.method,
+                     "train_examples": data.train_examples, "steps": steps, "trainable_params": n_train,
+                     "resumed_from": start,
                      "total_params": n_train if frozen is None else jl.param_report(jl.combine(trainable, frozen)).total,
                      "setup_s": round(time.perf_counter() - t0, 1)})
 
-  def current_gen_params():
-    return {"params": trainable} if cfg.method == "full" else jl.combine(trainable, frozen)
-
-  def evaluate() -> dict[str, Any]:
-    """Validation loss and test-set scores of the current weights (before / after training)."""
+  def evaluate(trainable) -> dict[str, Any]:
+    """Validation loss and test-set scores of ``trainable`` (before / after training)."""
     out: dict[str, Any] = {}
-    if val_batches:
-      out["validation_loss"] = out["val_loss"] = _validation_loss(loss_fn, trainable, frozen, val_batches)
-    if test_rows:
+    if data.val_batches:
+      out["validation_loss"] = _validation_loss(loss_fn, trainable, frozen, data.val_batches)
+    if data.test_rows:
       t = time.perf_counter()
-      scores, hyps = _test_scores(cfg, model, current_gen_params(), gen_apply, tok, test_rows)
+      gen_params = {"params": trainable} if cfg.method == "full" else jl.combine(trainable, frozen)
+      scores, hyps = _test_scores(cfg, model, gen_params, gen_apply, tok, data.test_rows)
       out.update(scores, eval_s=round(time.perf_counter() - t, 1), samples=hyps[:5])
     return out
 
   results: dict[str, Any] = {"steps": steps, "trainable_params": n_train}
   before_path = os.path.join(cfg.out_dir, "before.json")
   if start == 0 or not os.path.exists(before_path):
-    before = evaluate() if before is None else before
-    with open(before_path, "w", encoding="utf-8") as f:
-      json.dump(before, f, indent=1)
-    _log(cfg.out_dir, {"event": "before", "step": 0, **{k: v for k, v in before.items() if k != "samples"}})
+    before = evaluate(trainable) if before is None else before
+    _write_json(before_path, before)
+    _log(cfg.out_dir, _metrics_row("before", 0, before))
   with open(before_path, encoding="utf-8") as f:
     results["before"] = json.load(f)
 
+  t_train = time.perf_counter()
+  trainable, opt_state, compile_s = _run_steps(cfg, data, step_fn, loss_fn, mngr, trainable, frozen, opt_state,
+                                               start, steps)
+  train_s = time.perf_counter() - t_train
+  after = evaluate(trainable)
+  results.update(after=after, train_s=round(train_s, 1), steps_run=steps - start,
+                 s_per_step=round(train_s / max(steps - start, 1), 3),
+                 references=[r["completion"].strip() for r in data.test_rows[:5]], compile_s=round(compile_s, 1))
+  _export(cfg, model, mcfg, trainable, frozen, model_path)
+  _log(cfg.out_dir, {**_metrics_row("after", steps, after), "train_s": results["train_s"],
+                     "compile_s": results["compile_s"]})
+  _write_json(os.path.join(cfg.out_dir, "results.json"), results)
+  from .report import write_curves, write_report
+
+  write_report(cfg, results)
+  write_curves(cfg.out_dir)
+  return results
+
+
+def _run_steps(cfg: TrainConfig, data: _Data, step_fn, loss_fn, mngr, trainable, frozen, opt_state,
+               start: int, steps: int):
+  """Optimizer steps ``start..steps``: logging, validation, checkpoints. Returns
+  ``(trainable, opt_state, compile seconds)``."""
+  accum = cfg.optim.grad_accum
   base_key = jax.random.key(cfg.seed + 1)
-  t_train, losses = time.perf_counter(), []
-  timed, tokens, compile_s = [], 0, 0.0
+  losses, timed, tokens, compile_s = [], [], 0, 0.0
+  t_train = time.perf_counter()
   schedule = lr_schedule(cfg.optim, steps)
   bar = tqdm.tqdm(total=steps, initial=start, desc="train", unit="step") if sys.stderr.isatty() else None
   for step in range(start, steps):
     for k in range(accum):
       micro = step * accum + k
-      batch = {n: jnp.asarray(v) for n, v in batcher.batch_at(micro).items()}
-      n_compiled = step_fn.jitted._cache_size()
+      batch = {n: jnp.asarray(v) for n, v in data.batcher.batch_at(micro).items()}
       t = time.perf_counter()
       trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(base_key, micro))
       jax.block_until_ready(loss)
       dt = time.perf_counter() - t
-      if step_fn.jitted._cache_size() > n_compiled:  # this call compiled: report it apart
+      if step_fn.compile_s:  # this call compiled: report it apart
         compile_s += dt
         _log(cfg.out_dir, {"event": "compile", "step": step + 1, "compile_s": round(dt, 2),
                            "shape": list(batch["input_ids"].shape)})
@@ -424,38 +498,20 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
       bar.update(1)
       bar.set_postfix(loss=f"{float(loss):.3f}")
     if done % cfg.log_every == 0 or done == steps:
-      mean = float(np.mean([float(x) for x in losses]))
-      losses = []
-      row = {"event": "train", "step": done, "loss": round(mean, 4),
-             "lr": float(schedule(done - 1)),
-             "elapsed_s": round(time.perf_counter() - t_train, 1)}
+      row = {"event": "train", "step": done, "loss": round(float(np.mean([float(x) for x in losses])), 4),
+             "lr": float(schedule(done - 1)), "elapsed_s": round(time.perf_counter() - t_train, 1)}
       if timed:  # the jitted step alone, result blocked on; compiles excluded
         row.update(step_time_s=round(float(np.mean(timed)) * accum, 4), tokens_per_s=round(tokens / sum(timed), 1))
-      timed, tokens = [], 0
+      losses, timed, tokens = [], [], 0
       _log(cfg.out_dir, row)
-    if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == steps):
-      vl = round(_validation_loss(loss_fn, trainable, frozen, val_batches), 4)
-      _log(cfg.out_dir, {"event": "validation", "step": done, "val_loss": vl, "validation_loss": vl})
+    if data.val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == steps):
+      vl = _validation_loss(loss_fn, trainable, frozen, data.val_batches)
+      _log(cfg.out_dir, {"event": "validation", "step": done, "val_loss": round(vl, 4)})
     if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
       _save(mngr, done, trainable, opt_state)
-  train_s = time.perf_counter() - t_train
-  after = evaluate()
-  results.update(after=after, train_s=round(train_s, 1), steps_run=steps - start,
-                 s_per_step=round(train_s / max(steps - start, 1), 3),
-                 references=[r["completion"].strip() for r in test_rows[:5]])
-  _export(cfg, model, mcfg, trainable, frozen, model_path)
   if bar is not None:
     bar.close()
-  results["compile_s"] = round(compile_s, 1)
-  _log(cfg.out_dir, {"event": "after", "step": steps, **{k: v for k, v in after.items() if k != "samples"},
-                     "train_s": results["train_s"], "compile_s": results["compile_s"]})
-  with open(os.path.join(cfg.out_dir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
-  from .report import write_curves, write_report
-
-  write_report(cfg, results)
-  write_curves(cfg.out_dir)
-  return results
+  return trainable, opt_state, compile_s
 
 
 def _export(cfg: TrainConfig, model, mcfg, trainable, frozen, model_path: str) -> None:

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from jax_lora.files import atomic_file, write_text
+
 __all__ = ["write_report", "write_curves", "read_metrics"]
 
 _METRICS = ("validation_loss", "bleu", "rouge1", "rouge2", "rougeL")
@@ -17,12 +19,6 @@ def read_metrics(out_dir: str) -> list[dict]:
     return []
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def _replace(path: str, write) -> None:
-  tmp = path + ".tmp"
-  write(tmp)
-  os.replace(tmp, path)
 
 
 def write_report(cfg: Any, results: dict) -> str:
@@ -56,7 +52,7 @@ def write_report(cfg: Any, results: dict) -> str:
       lines.append(f"- {hyp!r} (reference: {ref!r})")
   text = "\n".join(lines) + "\n"
   path = os.path.join(cfg.out_dir, "report.md")
-  _replace(path, lambda p: open(p, "w", encoding="utf-8").write(text))
+  write_text(path, text)
   return path
 
 
@@ -93,6 +89,7 @@ def write_curves(out_dir: str) -> str:
     ax2.legend()
   fig.tight_layout()
   path = os.path.join(out_dir, "curves.png")
-  _replace(path, lambda p: fig.savefig(p, format="png", dpi=100))
+  with atomic_file(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
   plt.close(fig)
   return path

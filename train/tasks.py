@@ -17,8 +17,9 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
+
+from jax_lora.files import write_text
 
 __all__ = [
     "TASKS",
@@ -175,18 +176,7 @@ def wordnet_rows(entries: Sequence[tuple[str, str, str]]) -> list[dict[str, str]
 
 def write_jsonl(path: str, rows: Iterable[dict]) -> None:
   """Writes one JSON object per line, atomically (temporary file, then rename)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=folder)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 TASKS = ("de_en", "wordnet_gloss")
