@@ -13,29 +13,28 @@ from jax_lora.models import LlamaConfig, LlamaForCausalLM, llama
 from jax_lora.models.attention import NAIVE_MAX_LEN, dot_product_attention
 
 
-def _segments(layout: str, b: int, s: int) -> np.ndarray:
-  """(b, s) segment ids; every layout keeps one plain full row last."""
-  seg = np.ones((b, s), np.int32)
-  if layout == "right_pad":
-    seg[0, s - s // 3:] = 0
-  elif layout == "left_pad":
-    seg[0, : s // 3] = 0
-  elif layout == "packed":  # 3 examples and padding in row 0, 2 examples with left padding in row 1
-    a, c = s // 4, s // 2
-    seg[0] = np.concatenate([np.full(a, 1), np.full(c - a, 2), np.full(s - 3 - c, 3), np.zeros(3)])
-    seg[1] = np.concatenate([np.zeros(2), np.full(s // 2 - 2, 1), np.full(s - s // 2, 2)])
-  elif layout == "empty_row":
-    seg[0] = 0
-  return seg
+LAYOUTS = ("right_pad", "left_pad", "packed", "packed_left_pad", "empty", "full")  # one row each
+
+
+def _segments(s: int, layouts=LAYOUTS) -> np.ndarray:
+  """(len(layouts), s) segment ids, one row per layout."""
+  rows = {
+      "right_pad": np.r_[np.ones(s - s // 3), np.zeros(s // 3)],
+      "left_pad": np.r_[np.zeros(s // 3), np.ones(s - s // 3)],
+      "packed": np.r_[np.full(s // 4, 1), np.full(s // 2 - s // 4, 2), np.full(s - 3 - s // 2, 3), np.zeros(3)],
+      "packed_left_pad": np.r_[np.zeros(2), np.full(s // 2 - 2, 1), np.full(s - s // 2, 2)],
+      "empty": np.zeros(s),
+      "full": np.ones(s),
+  }
+  return np.stack([rows[name] for name in layouts]).astype(np.int32)
 
 
 def _inputs(seed, b, s, h, kv, d, dtype=jnp.float32):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (b, s, h, d), dtype)
-  k = jax.random.normal(ks[1], (b, s, kv, d), dtype)
-  v = jax.random.normal(ks[2], (b, s, kv, d), dtype)
-  w = jax.random.normal(ks[3], (b, s, h, d), jnp.float32)  # a random linear functional of the output
-  return q, k, v, w
+  """q, k, v and w, the weights of a random linear functional of the output."""
+  rng = np.random.RandomState(seed)
+  q, k, v, w = (rng.standard_normal(shape).astype(np.float32) for shape in
+                [(b, s, h, d), (b, s, kv, d), (b, s, kv, d), (b, s, h, d)])
+  return jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(w)
 
 
 def _value_and_grads(impl, q, k, v, seg, w, **blocks):
@@ -55,57 +54,54 @@ def _assert_close(got, want, atol, relative=False):
     np.testing.assert_allclose(g, r, atol=atol * (np.abs(r).max() if relative else 1.0), rtol=0)
 
 
-CASES = [  # name, (b, s, h, kv, d), layout, (block_q, block_k)
-    ("gqa_kv2_right_pad", (2, 32, 4, 2, 8), "right_pad", (8, 8)),
-    ("mqa_kv1_right_pad", (2, 32, 4, 1, 8), "right_pad", (8, 16)),
-    ("mha_kv4_right_pad", (2, 32, 4, 4, 8), "right_pad", (16, 8)),
-    ("left_pad", (2, 32, 4, 2, 8), "left_pad", (8, 8)),
-    ("packed_3_examples_and_padding", (2, 40, 4, 2, 8), "packed", (8, 8)),
-    ("s37_not_a_block_multiple", (2, 37, 4, 2, 8), "packed", (16, 16)),
-    ("s37_unequal_blocks", (2, 37, 4, 1, 8), "packed", (16, 8)),
-    ("blocks_longer_than_s", (2, 20, 4, 2, 8), "packed", (64, 64)),
-    ("fully_padded_row", (2, 24, 4, 2, 8), "empty_row", (8, 8)),
+CASES = [  # name, (s, h, kv, d), (block_q, block_k); every case runs all LAYOUTS
+    ("gqa_kv2", (32, 4, 2, 8), (8, 8)),
+    ("mqa_kv1_s37_not_a_block_multiple", (37, 4, 1, 8), (16, 8)),
+    ("mha_kv4_s37_unequal_blocks", (37, 4, 4, 8), (8, 16)),
+    ("blocks_longer_than_s", (20, 4, 2, 8), (64, 64)),
 ]
 
 
-@pytest.mark.parametrize("shape,layout,blocks", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_blockwise_equals_naive(shape, layout, blocks):
-  b, s, h, kv, d = shape
-  q, k, v, w = _inputs(0, *shape)
-  seg = jnp.asarray(_segments(layout, b, s))
+@pytest.mark.parametrize("shape,blocks", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_blockwise_equals_naive(shape, blocks):
+  s, h, kv, d = shape
+  seg = jnp.asarray(_segments(s))
+  q, k, v, w = _inputs(0, len(LAYOUTS), *shape)
   want, want_g = _value_and_grads("naive", q, k, v, seg, w)
   got, got_g = _value_and_grads("blockwise", q, k, v, seg, w, block_q=blocks[0], block_k=blocks[1])
   _assert_close(got, want, 1e-5)
   _assert_close(got_g, want_g, 1e-5)
-  pad = ~np.asarray(seg > 0)  # padding queries: output 0 and no gradient into their q
-  assert pad.any()
+  pad = ~np.asarray(seg > 0)  # padding queries (a whole row for "empty"): output 0, no gradient into q
   np.testing.assert_array_equal(np.asarray(got)[pad], 0.0)
   np.testing.assert_array_equal(np.asarray(got_g[0])[pad], 0.0)
+  empty = LAYOUTS.index("empty")  # nothing attends to its keys either
+  np.testing.assert_array_equal(np.asarray(got_g[1])[empty], 0.0)
+  np.testing.assert_array_equal(np.asarray(got_g[2])[empty], 0.0)
 
 
 def test_xla_equals_naive_packed():
-  q, k, v, w = _inputs(1, 2, 37, 4, 2, 8)
-  seg = jnp.asarray(_segments("packed", 2, 37))
+  q, k, v, w = _inputs(1, len(LAYOUTS), 37, 4, 2, 8)
+  seg = jnp.asarray(_segments(37))
   _assert_close(_value_and_grads("xla", q, k, v, seg, w), _value_and_grads("naive", q, k, v, seg, w), 1e-5)
 
 
 def test_auto_rule_naive_short_blockwise_long():
   """'auto' on CPU: bit-identical to 'naive' up to NAIVE_MAX_LEN, to 'blockwise' above it."""
-  q, k, v, w = _inputs(2, 1, 64, 2, 1, 8)
-  seg = jnp.asarray(_segments("packed", 2, 64)[:1])
+  q, k, v, w = _inputs(2, 2, 64, 2, 1, 8)
+  seg = jnp.asarray(_segments(64, ("packed", "left_pad")))
   jax.tree.map(np.testing.assert_array_equal, _value_and_grads("auto", q, k, v, seg, w),
                _value_and_grads("naive", q, k, v, seg, w))
   s = NAIVE_MAX_LEN + 40
   q, k, v, w = _inputs(3, 1, s, 2, 1, 8)
-  seg = jnp.asarray(_segments("packed", 2, s)[:1])
+  seg = jnp.asarray(_segments(s, ("packed",)))
   auto = _value_and_grads("auto", q, k, v, seg, w)
   jax.tree.map(np.testing.assert_array_equal, auto, _value_and_grads("blockwise", q, k, v, seg, w))
   _assert_close(auto, _value_and_grads("naive", q, k, v, seg, w), 1e-5)
 
 
 def test_bfloat16_blockwise_close_to_naive():
-  q, k, v, w = _inputs(4, 2, 37, 4, 2, 16, jnp.bfloat16)
-  seg = jnp.asarray(_segments("packed", 2, 37))
+  q, k, v, w = _inputs(4, len(LAYOUTS), 37, 4, 2, 16, jnp.bfloat16)
+  seg = jnp.asarray(_segments(37))
   got = _value_and_grads("blockwise", q, k, v, seg, w, block_q=16, block_k=8)
   want = _value_and_grads("naive", q, k, v, seg, w)
   assert got[0].dtype == jnp.bfloat16 and got[1][0].dtype == jnp.bfloat16
@@ -182,18 +178,23 @@ def _tiny_llama(scan_layers):
                      num_key_value_heads=2, head_dim=8, scan_layers=scan_layers)
 
 
+def _perturb(tree, seed, scale=0.1):
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda x: jnp.asarray(x + scale * rng.standard_normal(x.shape).astype(np.float32)), tree)
+
+
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
 def test_llama_blockwise_equals_naive_logits_and_lora_grads(scan_layers, monkeypatch):
   b, s = 2, 37
-  seg = jnp.asarray(_segments("packed", b, s))
+  seg = jnp.asarray(_segments(s, ("packed", "packed_left_pad")))
   ids = jnp.asarray(np.random.RandomState(0).randint(1, 61, (b, s)), jnp.int32)
   base = _tiny_llama(scan_layers)
-  params = LlamaForCausalLM(base).init(jax.random.key(0), ids)["params"]
-  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), params)
+  shapes = jax.eval_shape(LlamaForCausalLM(base).init, jax.random.key(0), ids)["params"]
+  params = _perturb(jax.tree.map(lambda x: np.zeros(x.shape, np.float32), shapes), 0, scale=0.3)  # no init compile
   layouts = jl.linen.infer_layouts(LlamaForCausalLM(base), params, ids)
   cfg = jl.LoraConfig(rank=2, alpha=4.0, targets=(r".*/(q_proj|k_proj|v_proj|o_proj)/kernel",), layouts=layouts)
-  trainable, frozen = jl.split(jl.init_lora(params, cfg, jax.random.key(2)))
-  trainable = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape), trainable)
+  trainable, frozen = jl.split(jax.jit(functools.partial(jl.init_lora, config=cfg))(params, key=jax.random.key(2)))
+  trainable = _perturb(trainable, 3)  # B != 0: every factor gets a gradient
   # Small blocks (the model calls dot_product_attention with the default 512).
   monkeypatch.setattr(llama, "dot_product_attention", functools.partial(dot_product_attention, block_q=8, block_k=16))
 
