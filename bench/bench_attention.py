@@ -15,10 +15,10 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from jax_lora.models.attention import dot_product_attention  # noqa: E402
+from jax_lora.models.attention import dot_product_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BATCH = 32, 8, 128, 1
 LENGTHS = (2048, 8192)

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 import jax_lora as jl
-from jax_lora.models import LlamaConfig, LlamaForCausalLM, llama
+from jax_lora.models import LlamaConfig, LlamaForCausalLM, gpt2, llama
 from jax_lora.models.attention import NAIVE_MAX_LEN, dot_product_attention
-
 
 LAYOUTS = ("right_pad", "left_pad", "packed", "packed_left_pad", "empty", "full")  # one row each
 
@@ -64,8 +63,7 @@ CASES = [  # name, (s, h, kv, d), (block_q, block_k); every case runs all LAYOUT
 
 @pytest.mark.parametrize("shape,blocks", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_blockwise_equals_naive(shape, blocks):
-  s, h, kv, d = shape
-  seg = jnp.asarray(_segments(s))
+  seg = jnp.asarray(_segments(shape[0]))
   q, k, v, w = _inputs(0, len(LAYOUTS), *shape)
   want, want_g = _value_and_grads("naive", q, k, v, seg, w)
   got, got_g = _value_and_grads("blockwise", q, k, v, seg, w, block_q=blocks[0], block_k=blocks[1])
@@ -214,3 +212,18 @@ def test_llama_blockwise_equals_naive_logits_and_lora_grads(scan_layers, monkeyp
   assert len(jax.tree.leaves(want_grads)) == (4 if scan_layers else 8) * 2
   assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads)) > 0
   _assert_close(got_grads, want_grads, 1e-5, relative=True)
+
+
+def test_gpt2_blockwise_equals_naive_logits(monkeypatch):
+  cfg = jl.models.GPT2Config(vocab_size=61, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48)
+  s = 37
+  seg = jnp.asarray(_segments(s, ("packed", "left_pad")))
+  ids = jnp.asarray(np.random.RandomState(1).randint(1, 61, (2, s)), jnp.int32)
+  shapes = jax.eval_shape(jl.models.GPT2LMHeadModel(cfg).init, jax.random.key(0), ids)["params"]
+  params = {"params": _perturb(jax.tree.map(lambda x: np.zeros(x.shape, np.float32), shapes), 1, scale=0.3)}
+  monkeypatch.setattr(gpt2, "dot_product_attention", functools.partial(dot_product_attention, block_q=16, block_k=8))
+  naive, blockwise = (
+      jax.jit(jl.models.GPT2LMHeadModel(dataclasses.replace(cfg, attention=a)).apply)(params, ids, seg)[0]
+      for a in ("naive", "blockwise"))
+  valid = np.asarray(seg > 0)
+  np.testing.assert_allclose(np.asarray(blockwise)[valid], np.asarray(naive)[valid], atol=1e-4, rtol=0)

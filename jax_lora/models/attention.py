@@ -260,7 +260,7 @@ def _flash_fwd(q, k, v, seg_q, seg_k, bq, bk):
 def _flash_bwd(bq, bk, res, dout):
   """Recomputes each tile's probabilities from the logsumexp; key blocks outside, query blocks inside."""
   q, k, v, seg_q, seg_k, out, lse = res
-  b, sq, kv, g, d = q.shape
+  sq, d = q.shape[1], q.shape[-1]
   nq, nk = sq // bq, k.shape[1] // bk
   scale = 1.0 / math.sqrt(d)
   # D_i = sum_d dO_i * O_i: the softmax-backward term, (b, kv, g, sq).
@@ -290,7 +290,7 @@ def _flash_bwd(bq, bk, res, dout):
       dkj = dkj + jnp.einsum("bkgqt,bqkgd->btkd", ds, qi, preferred_element_type=jnp.float32)
       return dq, dkj, dvj
 
-    zeros = jnp.zeros((b, bk, kv, d), jnp.float32)
+    zeros = jnp.zeros(kj.shape, jnp.float32)
     dq, dkj, dvj = jax.lax.fori_loop(_first_q_block(j, bq, bk), nq, q_block, (dq, zeros, zeros))
     dk = jax.lax.dynamic_update_slice_in_dim(dk, dkj, j * bk, axis=1)
     dv = jax.lax.dynamic_update_slice_in_dim(dv, dvj, j * bk, axis=1)
