@@ -1,7 +1,7 @@
 """Compiled temporary memory of value_and_grad of one attention call, naive vs blockwise.
 
 A Llama-3.1-8B-shaped attention layer (32 query heads, 8 KV heads, head_dim 128),
-batch 1, float32, packed segment ids, blocks 512. Nothing is run: XLA compiles the
+batch 1, float32, segment ids, blocks 512. Nothing is run: XLA compiles the
 gradient for abstract inputs (``jax.ShapeDtypeStruct``) and reports
 ``memory_analysis().temp_size_in_bytes`` (scratch beyond inputs and outputs).
 One (h, s, s) float32 score tensor is given for scale.
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax_lora.models.attention import dot_product_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BATCH = 32, 8, 128, 1
-LENGTHS = (2048, 8192)
+LENGTHS = (2048, 8192, 32768, 65536)
 IMPLEMENTATIONS = ("naive", "xla", "blockwise")
 
 
