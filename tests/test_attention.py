@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import jax_lora as jl
-from jax_lora.models import LlamaConfig, LlamaForCausalLM, gpt2, llama
-from jax_lora.models.attention import NAIVE_MAX_LEN, dot_product_attention
+from jax_lora.models import LlamaConfig, LlamaForCausalLM, llama
+from jax_lora.models.attention import NAIVE_MAX_LEN, _one_right_padded_example, dot_product_attention
 
 LAYOUTS = ("right_pad", "left_pad", "packed", "packed_left_pad", "empty", "full")  # one row each
 
@@ -89,8 +89,9 @@ def test_auto_rule_on_cpu(s, same_as):
   """'auto' on CPU is bit-identical to 'naive' up to NAIVE_MAX_LEN and to 'blockwise' above it."""
   q, k, v, _ = _inputs(3, 1, s, 2, 1, 8)
   seg = jnp.asarray(_segments(s, ("packed",)))
-  run = lambda impl: jax.jit(functools.partial(dot_product_attention, implementation=impl))(q, k, v, seg)  # noqa: E731
-  np.testing.assert_array_equal(run("auto"), run(same_as))
+  auto, same = (jax.jit(functools.partial(dot_product_attention, implementation=i))(q, k, v, seg)
+                for i in ("auto", same_as))
+  np.testing.assert_array_equal(auto, same)
 
 
 def test_bfloat16_blockwise_close_to_naive():
@@ -122,6 +123,42 @@ def test_cudnn_rejects_concrete_packed_segments():
   seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 0, 0]])
   with pytest.raises(ValueError, match="packed segments or left padding use implementation='blockwise'"):
     dot_product_attention(q, k, v, seg, implementation="cudnn")
+
+
+CUDNN_ROWS = [  # segment ids, whether cuDNN's query_seq_lengths can express the row
+    ([1, 1, 0, 0], True),
+    ([1, 1, 1, 1], True),
+    ([0, 0, 0, 0], False),
+    ([0, 1, 1, 1], False),
+    ([1, 1, 2, 2], False),
+    ([1, 0, 1, 0], False),
+    ([2, 2, 0, 0], False),
+]
+
+
+def test_cudnn_layout_guard_known_answers():
+  """The run-time guard that sends rows cuDNN cannot express to the fallback."""
+  seg = jnp.asarray([row for row, _ in CUDNN_ROWS], jnp.int32)
+  np.testing.assert_array_equal(_one_right_padded_example(seg), [ok for _, ok in CUDNN_ROWS])
+
+
+def test_cudnn_path_with_xla_stand_in(monkeypatch):
+  """The "cudnn" plumbing on CPU: jax.nn.dot_product_attention(implementation="cudnn") is replaced
+  by XLA's with the same causal + seq-length arguments, doubled so that the test sees which
+  branch ran: right-padded rows take it (and equal naive), other layouts fall back to naive."""
+  xla = jax.nn.dot_product_attention
+
+  def stand_in(*args, implementation, **kwargs):
+    assert implementation == "cudnn"
+    return 2 * xla(*args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+  q, k, v, _ = _inputs(5, 2, 24, 4, 2, 8, jnp.bfloat16)
+  for layouts, factor in [(("right_pad", "full"), 2.0), (("right_pad", "packed"), 1.0), (("left_pad", "full"), 1.0)]:
+    seg = jnp.asarray(_segments(24, layouts))
+    got = jax.jit(functools.partial(dot_product_attention, implementation="cudnn"))(q, k, v, seg)
+    want = dot_product_attention(q, k, v, seg, implementation="naive")
+    _assert_close(got, factor * want.astype(jnp.float32), 0.05)
 
 
 def test_config_attention_field_validated_and_not_saved():
@@ -209,17 +246,3 @@ def test_llama_blockwise_equals_naive_logits_and_lora_grads(scan_layers, monkeyp
   assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads)) > 0
   _assert_close(got_grads, want_grads, 1e-5, relative=True)
 
-
-def test_gpt2_blockwise_equals_naive_logits(monkeypatch):
-  cfg = jl.models.GPT2Config(vocab_size=61, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48)
-  s = 37
-  seg = jnp.asarray(_segments(s, ("packed", "left_pad")))
-  ids = jnp.asarray(np.random.RandomState(1).randint(1, 61, (2, s)), jnp.int32)
-  shapes = jax.eval_shape(jl.models.GPT2LMHeadModel(cfg).init, jax.random.key(0), ids)["params"]
-  params = {"params": _perturb(jax.tree.map(lambda x: np.zeros(x.shape, np.float32), shapes), 1, scale=0.3)}
-  monkeypatch.setattr(gpt2, "dot_product_attention", functools.partial(dot_product_attention, block_q=16, block_k=8))
-  naive, blockwise = (
-      jax.jit(jl.models.GPT2LMHeadModel(dataclasses.replace(cfg, attention=a)).apply)(params, ids, seg)[0]
-      for a in ("naive", "blockwise"))
-  valid = np.asarray(seg > 0)
-  np.testing.assert_allclose(np.asarray(blockwise)[valid], np.asarray(naive)[valid], atol=1e-4, rtol=0)

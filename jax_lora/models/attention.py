@@ -85,7 +85,8 @@ def dot_product_attention(
   materializes the scores like ``"naive"``). ``"cudnn"`` can express only causal
   attention over one right-padded example per row (``query_seq_lengths``): given
   concrete segment ids of another layout it raises ``ValueError``; given traced ones
-  it checks at run time and computes such batches with ``"blockwise"`` instead.
+  it checks at run time and computes such batches with ``"naive"`` (s <=
+  ``NAIVE_MAX_LEN``) or ``"blockwise"`` instead (``jax.lax.cond``: both are compiled).
 
   Args:
     q: (b, s, h, d) queries.
@@ -153,9 +154,11 @@ def _allowed(seg_q: jax.Array, seg_k: jax.Array, q0, k0) -> jax.Array:
 
 
 def _one_right_padded_example(seg: jax.Array) -> jax.Array:
-  """Per-batch boolean: the row is 1...1 0...0 (what query_seq_lengths can express)."""
+  """Per-batch boolean: the row is 1...1 0...0 with at least one 1 (what query_seq_lengths
+  expresses; an all-padding row is left to the fallback rather than a zero-length cuDNN row)."""
   n = jnp.sum(seg > 0, axis=1)
-  return jnp.all(seg == (jnp.arange(seg.shape[1])[None] < n[:, None]).astype(seg.dtype), axis=1)
+  ones_then_zeros = jnp.all(seg == (jnp.arange(seg.shape[1])[None] < n[:, None]).astype(seg.dtype), axis=1)
+  return ones_then_zeros & (n > 0)
 
 
 def _cudnn(q, k, v, seg, block_q, block_k):
@@ -170,8 +173,12 @@ def _cudnn(q, k, v, seg, block_q, block_k):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n,
                                         implementation="cudnn")
 
-  slow = functools.partial(_blockwise, block_q=block_q, block_k=block_k)
-  return jax.lax.cond(jnp.all(_one_right_padded_example(seg)), fast, slow, q, k, v, seg)
+  def other(q, k, v, seg):  # packed or left-padded rows: the CPU rule
+    if q.shape[1] <= NAIVE_MAX_LEN:
+      return attend(q, k, v, _allowed(seg, seg, 0, 0))
+    return _blockwise(q, k, v, seg, block_q, block_k)
+
+  return jax.lax.cond(jnp.all(_one_right_padded_example(seg)), fast, other, q, k, v, seg)
 
 
 # ----------------------------------------------------------------------------- blockwise
