@@ -345,7 +345,9 @@ class LlamaForCausalLM(nn.Module):
   Call with ``input_ids`` (b, s) and an optional ``attention_mask`` of 1/0.
   Without a cache the mask is (b, s), and it may hold segment ids instead
   (0 = padding, 1, 2, ... = examples packed into the row): each example then
-  attends only to itself and its positions restart at 0. With a ``cache`` (from :func:`init_cache`)
+  attends only to itself and its positions restart at 0; attention then runs through
+  :func:`jax_lora.models.attention.dot_product_attention` with ``config.attention``
+  ("blockwise" keeps no (s x s) tensor per head). With a ``cache`` (from :func:`init_cache`)
   the mask covers all cache slots (b, t) and the tokens fill slots
   ``index..index+s-1``. Positions are counted from the mask, so left and right
   padding both work. Returns ``(logits, cache)``: float32 logits (b, s, vocab)
