@@ -87,6 +87,17 @@ def test_logits_match_torch_padded_batch(tiny, name):
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
+def test_blockwise_attention_logits_match_torch(tiny, name):
+  """attention="blockwise" (a load_hf override, not in config.json) on the padded batch."""
+  m, folder = tiny[name]
+  model, params, config = hf.load_hf(folder, attention="blockwise")
+  assert config.attention == "blockwise"
+  ids, mask = _batch()
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(_logits(model, params, ids, mask)[valid], _torch_logits(m, ids, mask)[valid], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
 def test_packed_segments_equal_separate_examples(tiny, name):
   """A row packing three examples (segment ids in the mask) gives each example the logits
   it has alone: no attention across examples, positions restart at every example."""

@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_lora.models.llama import allowed_mask, attend, cache_update, logits_dtype, mask_and_positions, project
+from jax_lora.models.attention import attend, check_implementation, dot_product_attention
+from jax_lora.models.llama import allowed_mask, cache_update, logits_dtype, mask_and_positions, project
 
 __all__ = [
     "GPT2Config",
@@ -53,6 +54,10 @@ class GPT2Config:
   layer_norm_epsilon: float = 1e-5  # LayerNorm epsilon
   activation_function: str = "gelu_new"  # MLP activation (gelu_new, gelu, relu)
   model_type: str = "gpt2"  # Hugging Face model_type
+  attention: str = "auto"  # training/scoring attention kernel (see models.attention); not saved to config.json
+
+  def __post_init__(self):
+    check_implementation(self.attention)
 
   @property
   def head_dim(self) -> int:
@@ -113,9 +118,12 @@ class GPT2Attention(nn.Module):
     b, s, d = x.shape
     qkv = project(_dense(3 * d, "c_attn", self.dtype, self.param_dtype), x)
     q, k, v = (t.reshape(b, s, c.n_head, c.head_dim) for t in jnp.split(qkv, 3, axis=-1))
-    if cache is not None:
+    if cache is None:  # training / scoring: the mask holds segment ids
+      out = dot_product_attention(q, k, v, mask, implementation=c.attention)
+    else:
       k, v, cache = cache_update(cache, k, v, index)
-    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed_mask(mask, s, index)).reshape(b, s, d)
+      out = attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed_mask(mask, s, index))
+    out = out.reshape(b, s, d)
     return project(_dense(d, "c_proj", self.dtype, self.param_dtype), out), cache
 
 

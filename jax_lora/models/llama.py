@@ -20,7 +20,6 @@ only takes its fast GEMM path for weight gradients that contract one axis.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_lora.models.attention import attend, check_implementation, dot_product_attention
 
 __all__ = [
     "LlamaConfig",
@@ -46,7 +47,6 @@ __all__ = [
 ]
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_NEG = -1e30  # finite "minus infinity": fully masked rows give uniform weights, not NaN
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,6 +69,10 @@ class LlamaConfig:
   mlp_bias: bool = False  # biases on gate/up/down projections
   scan_layers: bool = False  # stack the layers with nn.scan (params get a leading layer axis)
   model_type: str = "llama"  # Hugging Face model_type this config came from / is saved as
+  attention: str = "auto"  # training/scoring attention kernel (see models.attention); not saved to config.json
+
+  def __post_init__(self):
+    check_implementation(self.attention)
 
   @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> LlamaConfig:
@@ -174,28 +178,6 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-  """Scaled dot-product attention with grouped KV heads.
-
-  Args:
-    q: (b, s, h, d) queries.
-    k: (b, t, kv, d) keys; h must be a multiple of kv.
-    v: (b, t, kv, d) values.
-    allowed: (b, s, t) boolean: query i may attend key j.
-
-  Returns:
-    (b, s, h, d) in q's dtype; scores and softmax in float32.
-  """
-  b, s, h, d = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, s, kv, h // kv, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
-  scores = jnp.where(allowed[:, None, None], scores, _NEG)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-  return out.reshape(b, s, h, d)
-
-
 def allowed_mask(mask: jax.Array, s: int, index) -> jax.Array:
   """(b, s, t) causal-and-padding mask for queries in slots index..index+s-1 over key slots 0..t-1.
 
@@ -279,9 +261,11 @@ class LlamaAttention(nn.Module):
     k = project(_dense(nkv * hd, "k_proj", c.qkv_bias, *dt), x).reshape(b, s, nkv, hd)
     v = project(_dense(nkv * hd, "v_proj", c.qkv_bias, *dt), x).reshape(b, s, nkv, hd)
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-    if cache is not None:
+    if cache is None:  # training / scoring: the mask holds segment ids
+      out = dot_product_attention(q, k, v, mask, implementation=c.attention)
+    else:
       k, v, cache = cache_update(cache, k, v, index)
-    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed_mask(mask, s, index))
+      out = attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed_mask(mask, s, index))
     out = project(_dense(c.hidden_size, "o_proj", c.o_bias, *dt), out.reshape(b, s, nq * hd))
     return out, cache
 
@@ -361,7 +345,9 @@ class LlamaForCausalLM(nn.Module):
   Call with ``input_ids`` (b, s) and an optional ``attention_mask`` of 1/0.
   Without a cache the mask is (b, s), and it may hold segment ids instead
   (0 = padding, 1, 2, ... = examples packed into the row): each example then
-  attends only to itself and its positions restart at 0. With a ``cache`` (from :func:`init_cache`)
+  attends only to itself and its positions restart at 0; attention then runs through
+  :func:`jax_lora.models.attention.dot_product_attention` with ``config.attention``
+  ("blockwise" keeps no (s x s) tensor per head). With a ``cache`` (from :func:`init_cache`)
   the mask covers all cache slots (b, t) and the tokens fill slots
   ``index..index+s-1``. Positions are counted from the mask, so left and right
   padding both work. Returns ``(logits, cache)``: float32 logits (b, s, vocab)
