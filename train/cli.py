@@ -21,6 +21,10 @@ from typing import Any
 __all__ = ["main", "build_parser", "read_texts", "evaluate", "inspect_model", "quantize_model"]
 
 
+# Top-level modules of the [hf] extra: the CLI names the extra when one is missing.
+_HF_EXTRA = ("transformers", "tokenizers", "datasets", "gguf", "sacrebleu", "rouge_score", "matplotlib")
+
+
 class CliError(ValueError):
   """Bad input found by the command line (printed as one line)."""
 
@@ -297,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "inspect":
       print(inspect_model(args.model, args.config).table())
     return 0
+  except ModuleNotFoundError as e:  # the app's own stack (transformers, datasets, ...) is an extra
+    hint = " install the checkpoint/data stack: pip install 'jax-lora[hf]'" if e.name in _HF_EXTRA else ""
+    print(f"jax-lora: error: {e};{hint}" if hint else f"jax-lora: error: {e}", file=sys.stderr)
+    return 1
   except (ValueError, OSError) as e:  # bad input: the message says what to fix
     msg = " ".join(str(e).split()) or type(e).__name__
     print(f"jax-lora: error: {msg}", file=sys.stderr)
