@@ -88,7 +88,7 @@ def _loss_fn(model, method: str, loss_chunk: int):
 
 
 def abstract_state(cfg: LlamaConfig, method: str, seq: int, *, batch: int = 1, rank: int = 16,
-                   dtype=jnp.float32, tx=None):
+                   dtype=jnp.float32, tx=None, dropout: float = 0.0, compute_dtype=None):
   """``(model, trainable, opt_state, frozen, batch)`` as ShapeDtypeStructs (nothing allocated)."""
   import optax
 
@@ -102,11 +102,11 @@ def abstract_state(cfg: LlamaConfig, method: str, seq: int, *, batch: int = 1, r
     trainable, frozen = params, None
   else:
     layouts = jl.linen.infer_layouts(model, params, ids) if cfg.scan_layers else None
-    lcfg = jl.LoraConfig.all_linear(rank=rank, alpha=2.0 * rank, layouts=layouts)
+    lcfg = jl.LoraConfig.all_linear(rank=rank, alpha=2.0 * rank, layouts=layouts, dropout=dropout)
     adapted = jax.eval_shape(lambda p: jl.init_lora(p, lcfg, jax.random.key(0)), params)
     if method == "qlora":
       paths = tuple(re.escape(p) for p, v in jl.lora_weights(adapted).items())
-      qcfg = QuantConfig(scheme="nf4", block_size=64, double_quant=True, targets=paths)
+      qcfg = QuantConfig(scheme="nf4", block_size=64, double_quant=True, targets=paths, compute_dtype=compute_dtype)
       adapted = jax.eval_shape(lambda a: jl.quantize(a, qcfg), adapted)
     trainable, frozen = jl.split(adapted)
   opt_state = jax.eval_shape(tx.init, trainable)
@@ -115,14 +115,15 @@ def abstract_state(cfg: LlamaConfig, method: str, seq: int, *, batch: int = 1, r
 
 
 def step_memory(cfg: LlamaConfig, method: str, seq: int, *, batch: int = 1, rank: int = 16, dtype=jnp.float32,
-                loss_chunk: int = 0) -> dict:
+                loss_chunk: int = 0, dropout: float = 0.0) -> dict:
   """Compiled memory (bytes) of one train/loop.py step; ``peak`` = args + outputs - aliased + temps."""
   import optax
 
   from train.loop import make_train_step
 
   tx = optax.adamw(1e-4)
-  model, tr, st, fr, b = abstract_state(cfg, method, seq, batch=batch, rank=rank, dtype=dtype, tx=tx)
+  model, tr, st, fr, b = abstract_state(cfg, method, seq, batch=batch, rank=rank, dtype=dtype, tx=tx,
+                                        dropout=dropout)
   step = make_train_step(_loss_fn(model, method, loss_chunk), tx).jitted
   t = time.perf_counter()
   compiled = step.lower(tr, st, fr, b, jax.random.key(0)).compile()

@@ -6,6 +6,7 @@ from jax_lora import models
 from jax_lora import nnx
 from jax_lora import peft
 from jax_lora import quant
+from jax_lora import remat
 from jax_lora import sharding
 from jax_lora.adapters import AdapterBank
 from jax_lora.adapters import combine_adapters
@@ -50,6 +51,7 @@ __all__ = [
     "peft",
     "quant",
     "quantize",
+    "remat",
     "save_peft",
     "sharding",
     "LoraConfig",

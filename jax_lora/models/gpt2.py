@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_lora.remat import check_policy, remat_module, tag_layer_input
 from jax_lora.models.llama import allowed_mask, attend, cache_update, logits_dtype, mask_and_positions, project
 
 __all__ = [
@@ -53,6 +54,12 @@ class GPT2Config:
   layer_norm_epsilon: float = 1e-5  # LayerNorm epsilon
   activation_function: str = "gelu_new"  # MLP activation (gelu_new, gelu, relu)
   model_type: str = "gpt2"  # Hugging Face model_type
+  # Gradient checkpointing of each block: "none", "full", "dots" or "offload" (see jax_lora.remat).
+  # A training setting: never written to config.json.
+  remat: str = "none"
+
+  def __post_init__(self):
+    check_policy(self.remat, "GPT2Config.remat")
 
   @property
   def head_dim(self) -> int:
@@ -139,6 +146,7 @@ class GPT2Block(nn.Module):
   @nn.compact
   def __call__(self, x, mask, cache=None, index=0):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = tag_layer_input(x)
     h, cache = GPT2Attention(c, name="attn", **kw)(
         nn.LayerNorm(c.layer_norm_epsilon, name="ln_1", **kw)(x), mask, cache, index
     )
@@ -155,7 +163,8 @@ class GPT2Model(nn.Module):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.wte = nn.Embed(c.vocab_size, c.n_embd, name="wte", **kw)
     self.wpe = nn.Embed(c.n_positions, c.n_embd, name="wpe", **kw)
-    self.h = [GPT2Block(c, name=f"h_{i}", **kw) for i in range(c.n_layer)]
+    block = remat_module(GPT2Block, c.remat)
+    self.h = [block(c, name=f"h_{i}", **kw) for i in range(c.n_layer)]
     self.ln_f = nn.LayerNorm(c.layer_norm_epsilon, name="ln_f", **kw)
 
   def __call__(self, input_ids, mask, positions, cache=None, index=0):
