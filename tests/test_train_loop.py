@@ -157,6 +157,18 @@ def test_other_methods_run(tiny, tmp_path, method):
   assert os.path.isdir(tmp_path / ("model" if method == "full" else "adapter"))
 
 
+def test_remat_and_offload_train_like_the_default(tiny, tmp_path):
+  """remat=full + offload=optimizer+base change where things live, not the math (checkpoint included)."""
+  kw = {"method": "qlora", "quant.block_size": 32, "steps": 3, "eval.num_test": 0}
+  ref = tl.train(_cfg(tiny, tmp_path / "ref", **kw))
+  got = tl.train(_cfg(tiny, tmp_path / "mem", remat="full", offload="optimizer+base", **kw))
+  np.testing.assert_allclose(got["after"]["validation_loss"], ref["after"]["validation_loss"], rtol=1e-4)
+  with pytest.raises(ValueError, match="'remat' must be one of none, full, dots, offload"):
+    _cfg(tiny, tmp_path, remat="all")
+  with pytest.raises(ValueError, match="'optimizer\\+base' needs method lora or qlora"):
+    _cfg(tiny, tmp_path, method="full", offload="optimizer+base")
+
+
 def test_cli_errors_and_dry_run(tiny, tmp_path, capsys):
   from train.cli import main
 

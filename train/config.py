@@ -51,6 +51,8 @@ _METHODS = ("lora", "qlora", "full")
 _DTYPES = ("float32", "bfloat16")
 _SCHEDULES = ("cosine", "linear", "constant")
 _METRICS = ("bleu", "rouge")
+_REMAT = ("none", "full", "dots", "offload")  # jax_lora.remat.POLICIES
+_OFFLOAD = ("none", "optimizer", "optimizer+base")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -184,6 +186,13 @@ class TrainConfig:
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   # Device mesh for data/model parallel runs (None: one device; reserved for scale-out).
   mesh: dict | None = None
+  # Gradient checkpointing of each decoder layer (set on the model config): "none" (keep every
+  # activation), "full" (recompute the layer in the backward pass), "dots" (keep the matmul
+  # outputs, recompute the rest) or "offload" (like full, layer inputs kept in host memory).
+  remat: str = "none"
+  # Host memory between steps: "none", "optimizer" (AdamW state in pinned host memory, moved to
+  # the device inside each step) or "optimizer+base" (the frozen base too; lora/qlora only).
+  offload: str = "none"
 
 
 _SECTIONS = {"data": DataConfig, "lora": LoraSection, "quant": QuantSection, "optim": OptimConfig, "eval": EvalConfig}
@@ -324,6 +333,11 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> TrainConfig:
   for k in ("eval_every", "checkpoint_every"):
     _check(getattr(cfg, k) >= 0, f"config key '{k}' must be >= 0 (0: only at the end), got {getattr(cfg, k)}")
   _check(cfg.log_every >= 1, f"config key 'log_every' must be >= 1, got {cfg.log_every}")
+  _choice("remat", cfg.remat, _REMAT)
+  _choice("offload", cfg.offload, _OFFLOAD)
+  _check(cfg.offload != "optimizer+base" or cfg.method != "full",
+         "config key 'offload': 'optimizer+base' needs method lora or qlora (full fine-tuning has no frozen base); "
+         "use offload: optimizer")
   e = cfg.eval
   _check(e.max_new_tokens >= 1, f"config key 'eval.max_new_tokens' must be >= 1, got {e.max_new_tokens}")
   _check(e.num_test >= 0, f"config key 'eval.num_test' must be >= 0, got {e.num_test}")

@@ -39,6 +39,7 @@ __all__ = [
     "next_token_loss",
     "make_loss_fn",
     "make_train_step",
+    "offload_state",
     "load_model",
     "generate_texts",
     "train",
@@ -132,10 +133,14 @@ def make_loss_fn(model: Any, method: str) -> Callable[..., tuple[jax.Array, jax.
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    put_batch: Callable | None = None, loss_bucket: int = 16) -> Callable:
+                    put_batch: Callable | None = None, loss_bucket: int = 16,
+                    offload: dict[str, Any] | None = None) -> Callable:
   """Jitted ``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss)``.
 
   The gradient is of the token-mean loss of the batch, taken w.r.t. ``trainable`` only.
+  ``offload`` (from :func:`offload_state`): ``{"opt": (device, host), "frozen": (device, host) or
+  None}`` shardings; the optimizer state (and frozen base) arrive in host memory, are moved to
+  the device inside the step, and the new optimizer state goes back to host memory.
   """
 
   def mean_loss(trainable, frozen, batch, rng):
@@ -144,8 +149,14 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def jitted(trainable, opt_state, frozen, batch, rng):
+    if offload:
+      opt_state = jax.device_put(opt_state, offload["opt"][0])
+      if offload.get("frozen"):
+        frozen = jax.device_put(frozen, offload["frozen"][0])
     loss, grads = jax.value_and_grad(mean_loss)(trainable, frozen, batch, rng)
     updates, opt_state = tx.update(grads, opt_state, trainable)
+    if offload:
+      opt_state = jax.device_put(opt_state, offload["opt"][1])
     return optax.apply_updates(trainable, updates), opt_state, loss
 
   def step(trainable, opt_state, frozen, batch, rng):
@@ -158,20 +169,45 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   return step
 
 
-def load_model(name: str, dtype: str):
-  """``(model, params, model_config, tokenizer, folder)`` of an HF folder, .gguf file or shipped name."""
+def offload_state(kind: str, opt_state, frozen):
+  """Moves the optimizer state (``kind`` "optimizer") and the frozen base ("optimizer+base")
+  to pinned host memory; returns ``(opt_state, frozen, offload)`` for :func:`make_train_step`.
+
+  Raises a one-line ValueError when the backend has no host memory.
+  """
+  if kind == "none":
+    return opt_state, frozen, None
+  from jax_lora.sharding import with_memory_kind
+
+  def move(tree):
+    dev = jax.tree.map(lambda x: x.sharding, tree)
+    host = with_memory_kind(dev, "pinned_host")
+    return jax.device_put(tree, host), (dev, host)
+
+  opt_state, opt_sh = move(opt_state)
+  fr_sh = None
+  if kind == "optimizer+base" and frozen is not None:
+    frozen, fr_sh = move(frozen)
+  return opt_state, frozen, {"opt": opt_sh, "frozen": fr_sh}
+
+
+def load_model(name: str, dtype: str, **overrides):
+  """``(model, params, model_config, tokenizer, folder)`` of an HF folder, .gguf file or shipped name.
+
+  ``overrides``: model config fields to set (e.g. ``remat="full"``).
+  """
   from jax_lora.models.gguf import load_gguf, tokenizer_from_gguf
   from jax_lora.models.hf import load_hf
 
   path = resolve_model(name)
   jdtype = jnp.dtype(dtype)
   if path.endswith(".gguf"):
-    model, params, config = load_gguf(path, dtype=jdtype)
+    model, params, config = load_gguf(path, dtype=jdtype, **overrides)
     tok = tokenizer_from_gguf(path, cache_dir=os.path.splitext(path)[0] + "-tokenizer")
   else:
     from transformers import AutoTokenizer
 
-    model, params, config = load_hf(path, dtype=jdtype)
+    model, params, config = load_hf(path, dtype=jdtype, **overrides)
     tok = AutoTokenizer.from_pretrained(path)
   if isinstance(params, dict) and set(params) == {"params"}:
     params = params["params"]
@@ -329,7 +365,8 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
     yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
   t0 = time.perf_counter()
   paths = resolve_data(cfg)
-  model, params, mcfg, tok, model_path = load_model(cfg.model, cfg.dtype)
+  model, params, mcfg, tok, model_path = load_model(cfg.model, cfg.dtype,
+                                                    **({"remat": cfg.remat} if cfg.remat != "none" else {}))
   pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
   train_ex = td.tokenize_rows(tok, td.load_rows(paths["train"]), cfg.seq_len)
   batcher = td.Batcher(train_ex, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad, seed=cfg.seed,
@@ -357,7 +394,10 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
   put_batch = None
   if cfg.mesh:
     trainable, frozen, opt_state, put_batch = _shard(cfg, tx, trainable, frozen, opt_state)
-  step_fn = make_train_step(loss_fn, tx, put_batch, loss_bucket=max(16, cfg.seq_len // 2))
+  opt_state, frozen, offload = offload_state(cfg.offload, opt_state, frozen)
+  fr_dev = (offload or {}).get("frozen")
+  frozen_on_device = (lambda: frozen) if fr_dev is None else (lambda: jax.device_put(frozen, fr_dev[0]))
+  step_fn = make_train_step(loss_fn, tx, put_batch, loss_bucket=max(16, cfg.seq_len // 2), offload=offload)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
   _log(cfg.out_dir, {"event": "setup", "model": model_path, "method": cfg.method, "train_examples": len(train_ex),
                      "steps": steps, "trainable_params": n_train, "resumed_from": start,
@@ -365,13 +405,13 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
                      "setup_s": round(time.perf_counter() - t0, 1)})
 
   def current_gen_params():
-    return {"params": trainable} if cfg.method == "full" else jl.combine(trainable, frozen)
+    return {"params": trainable} if cfg.method == "full" else jl.combine(trainable, frozen_on_device())
 
   def evaluate() -> dict[str, Any]:
     """Validation loss and test-set scores of the current weights (before / after training)."""
     out: dict[str, Any] = {}
     if val_batches:
-      out["validation_loss"] = out["val_loss"] = _validation_loss(loss_fn, trainable, frozen, val_batches)
+      out["validation_loss"] = out["val_loss"] = _validation_loss(loss_fn, trainable, frozen_on_device(), val_batches)
     if test_rows:
       t = time.perf_counter()
       scores, hyps = _test_scores(cfg, model, current_gen_params(), gen_apply, tok, test_rows)
@@ -425,7 +465,7 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
       timed, tokens = [], 0
       _log(cfg.out_dir, row)
     if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == steps):
-      vl = round(_validation_loss(loss_fn, trainable, frozen, val_batches), 4)
+      vl = round(_validation_loss(loss_fn, trainable, frozen_on_device(), val_batches), 4)
       _log(cfg.out_dir, {"event": "validation", "step": done, "val_loss": vl, "validation_loss": vl})
     if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
       _save(mngr, done, trainable, opt_state)
@@ -434,7 +474,7 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
   results.update(after=after, train_s=round(train_s, 1), steps_run=steps - start,
                  s_per_step=round(train_s / max(steps - start, 1), 3),
                  references=[r["completion"].strip() for r in test_rows[:5]])
-  _export(cfg, model, mcfg, trainable, frozen, model_path)
+  _export(cfg, model, mcfg, trainable, frozen_on_device(), model_path)
   if bar is not None:
     bar.close()
   results["compile_s"] = round(compile_s, 1)
