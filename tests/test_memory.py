@@ -101,7 +101,7 @@ def test_gpt2_remat_matches():
   _close(_logits_and_grads(GPT2LMHeadModel(dataclasses.replace(cfg, remat="full")), tr, fr, ids), ref)
 
 
-def test_remat_config_and_policies():
+def test_remat_config_and_policies(monkeypatch):
   with pytest.raises(ValueError, match="LlamaConfig.remat='sometimes' is unknown"):
     dataclasses.replace(TINY, remat="sometimes")
   with pytest.raises(ValueError, match="GPT2Config.remat"):
@@ -111,6 +111,9 @@ def test_remat_config_and_policies():
   assert jl.remat.remat_policy("full") is jax.checkpoint_policies.nothing_saveable
   assert jl.remat.remat_policy("dots") is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   assert jl.remat.remat_policy("offload") is not None  # XLA:CPU has pinned_host memory in jax 0.10
+  monkeypatch.setattr(jl.remat, "_host_memory_ok", lambda: (False, "tpu (memory kinds ['device'])"))
+  with pytest.raises(ValueError, match=r"remat='offload' needs host memory .* tpu .* use remat='full' instead"):
+    jl.remat.remat_policy("offload")
 
 
 def test_checkpoint_helper_with_lora_and_quantized_kernels():
