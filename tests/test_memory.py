@@ -163,3 +163,12 @@ def test_nf4_bf16_compute_trains_float32_adapters():
   assert base and {e.invars[0].aval.dtype for e in base} == {jnp.dtype(jnp.bfloat16)}
   with pytest.raises(ValueError, match="compute_dtype"):
     jl.QuantConfig(compute_dtype=jnp.int8)
+
+
+def test_quantized_kernel_without_lora_grads_match_dequantized():
+  """A quantized kernel without LoRA (``_qmm``: re-dequantized in the backward pass) differentiates like its float copy."""
+  x = jax.random.normal(jax.random.key(0), (4, 16))
+  q = jl.quant.quantize_array(jax.random.normal(jax.random.key(1), (16, 8)), block_size=8, dq_block_size=4)
+  w = q.dequantize()
+  f = lambda x, k: jnp.sum(jnp.sin(jl.dot(x, k)))
+  _close(jax.jit(jax.value_and_grad(f))(x, q), jax.value_and_grad(f)(x, w))
