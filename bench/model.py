@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_lora.remat import remat_module
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
@@ -24,6 +26,7 @@ class BenchConfig:
   batch: int = 8
   seq: int = 128
   dtype: str = "float32"
+  remat: str = "none"  # per-block gradient checkpointing (jax_lora.remat policy name)
 
 
 class Block(nn.Module):
@@ -55,8 +58,9 @@ class Transformer(nn.Module):
   def __call__(self, x):  # (batch, seq, d)
     c = self.cfg
     h = x.reshape(-1, c.d_model)
+    block = remat_module(Block, c.remat)
     for i in range(c.layers):
-      h = Block(c, name=f"layers_{i}")(h)
+      h = block(c, name=f"layers_{i}")(h)
     return nn.LayerNorm(name="ln_f")(h).reshape(x.shape)
 
 

@@ -7,9 +7,9 @@ tree (:func:`init_lora`), train only A/B (:func:`split`/:func:`combine`,
 :func:`dequantize`), fold adapters in and out (:func:`merge`, :func:`unmerge`),
 and exchange adapters with PEFT (:func:`load_peft`, :func:`save_peft`).
 Integrations and interop live in submodules: ``jax_lora.linen``,
-``jax_lora.nnx``, ``jax_lora.quant``, ``jax_lora.peft``, ``jax_lora.sharding``,
-``jax_lora.models`` (and ``adapters``, ``bnb``, ``files``, ``tree``,
-``distributed``).
+``jax_lora.nnx``, ``jax_lora.quant``, ``jax_lora.peft``, ``jax_lora.remat``,
+``jax_lora.sharding``, ``jax_lora.models`` (and ``adapters``, ``bnb``, ``losses``,
+``files``, ``tree``, ``distributed``).
 
 >>> import jax, jax.numpy as jnp, jax_lora as jl
 >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
@@ -26,6 +26,7 @@ from jax_lora import models
 from jax_lora import nnx
 from jax_lora import peft
 from jax_lora import quant
+from jax_lora import remat
 from jax_lora import sharding
 from jax_lora._src.adapt import combine
 from jax_lora._src.adapt import init_lora
@@ -65,6 +66,7 @@ __all__ = [
     "nnx",
     "quant",
     "peft",
+    "remat",
     "sharding",
     "models",
 ]

@@ -119,6 +119,18 @@ def test_loss_chunk_run_matches_unchunked(tiny, tmp_path):
   assert chunked["after"]["validation_loss"] == pytest.approx(plain["after"]["validation_loss"], rel=1e-4)
 
 
+def test_remat_and_offload_train_like_the_default(tiny, tmp_path):
+  """remat=full + offload=optimizer+base change where things live, not the math (checkpoint included)."""
+  kw = {"method": "qlora", "quant.block_size": 32, "steps": 3, "eval.num_test": 0, "attention": "blockwise"}
+  ref = tl.train(tiny.cfg(tmp_path / "ref", **kw))
+  got = tl.train(tiny.cfg(tmp_path / "mem", remat="full", offload="optimizer+base", **kw))
+  np.testing.assert_allclose(got["after"]["validation_loss"], ref["after"]["validation_loss"], rtol=1e-4)
+  with pytest.raises(ValueError, match="'remat' must be one of none, full, dots, offload"):
+    tiny.cfg(tmp_path, remat="all")
+  with pytest.raises(ValueError, match="'optimizer\\+base' needs method lora or qlora"):
+    tiny.cfg(tmp_path, method="full", offload="optimizer+base")
+
+
 def test_cli_errors_and_dry_run(tiny, tmp_path, capsys):
   from jax_lora_app.run import main
 

@@ -29,6 +29,8 @@ from typing import Any
 import yaml
 
 from jax_lora import LoraConfig, QuantConfig
+from jax_lora.models.attention import IMPLEMENTATIONS as _ATTENTION
+from jax_lora.remat import POLICIES as _REMAT
 
 __all__ = [
     "SHIPPED_MODELS",
@@ -56,6 +58,7 @@ _METHODS = ("lora", "qlora", "full")
 _DTYPES = ("float32", "bfloat16")
 _SCHEDULES = ("cosine", "linear", "constant")
 _METRICS = ("bleu", "rouge")
+_OFFLOAD = ("none", "optimizer", "optimizer+base")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -178,6 +181,17 @@ class TrainConfig:
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   # Device mesh for data/model parallel runs (None: one device; reserved for scale-out).
   mesh: dict | None = None
+  # Gradient checkpointing of each decoder layer (set on the model config): "none" (keep every
+  # activation), "full" (recompute the layer in the backward pass), "dots" (keep the matmul
+  # outputs, recompute the rest) or "offload" (like full, layer inputs kept in host memory).
+  remat: str = "none"
+  # Host memory between steps: "none", "optimizer" (AdamW state in pinned host memory, moved to
+  # the device inside each step) or "optimizer+base" (the frozen base too; lora/qlora only).
+  offload: str = "none"
+  # Attention of the training/scoring forward pass (set on the model config): "auto" (naive up to
+  # 1024 tokens, blockwise flash-style above; cuDNN on GPU in bf16), "naive", "blockwise", "xla",
+  # "cudnn". See jax_lora.models.attention.
+  attention: str = "auto"
 
 
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "eval": EvalConfig}
@@ -373,6 +387,12 @@ def validate(cfg: TrainConfig, check_files: bool = True) -> TrainConfig:
     _check(getattr(cfg, k) >= 0, f"config key '{k}' must be >= 0 (0: only at the end), got {getattr(cfg, k)}")
   _check(cfg.loss_chunk >= 0, f"config key 'loss_chunk' must be >= 0 (0: no chunking), got {cfg.loss_chunk}")
   _check(cfg.log_every >= 1, f"config key 'log_every' must be >= 1, got {cfg.log_every}")
+  _choice("remat", cfg.remat, _REMAT)
+  _choice("attention", cfg.attention, _ATTENTION)
+  _choice("offload", cfg.offload, _OFFLOAD)
+  _check(cfg.offload != "optimizer+base" or cfg.method != "full",
+         "config key 'offload': 'optimizer+base' needs method lora or qlora (full fine-tuning has no frozen base); "
+         "use offload: optimizer")
   e = cfg.eval
   _check(e.max_new_tokens >= 1, f"config key 'eval.max_new_tokens' must be >= 1, got {e.max_new_tokens}")
   _check(e.num_test >= 0, f"config key 'eval.num_test' must be >= 0, got {e.num_test}")

@@ -44,6 +44,7 @@ __all__ = [
     "next_token_loss",
     "make_loss_fn",
     "make_train_step",
+    "offload_state",
     "load_model",
     "generate_texts",
     "train",
@@ -149,7 +150,8 @@ def make_loss_fn(model: Any, method: str, loss_chunk: int = 0) -> Callable[..., 
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    put_batch: Callable | None = None, loss_bucket: int = 16) -> Callable:
+                    put_batch: Callable | None = None, loss_bucket: int = 16,
+                    offload: dict[str, Any] | None = None) -> Callable:
   """Jitted ``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss)``.
 
   The gradient is of the token-mean loss of the batch, taken w.r.t. ``trainable`` only.
@@ -164,8 +166,14 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def jitted(trainable, opt_state, frozen, batch, rng):
+    if offload:
+      opt_state = jax.device_put(opt_state, offload["opt"][0])
+      if offload.get("frozen"):
+        frozen = jax.device_put(frozen, offload["frozen"][0])
     loss, grads = jax.value_and_grad(mean_loss)(trainable, frozen, batch, rng)
     updates, opt_state = tx.update(grads, opt_state, trainable)
+    if offload:
+      opt_state = jax.device_put(opt_state, offload["opt"][1])
     return optax.apply_updates(trainable, updates), opt_state, loss
 
   executables: dict[Any, Any] = {}
@@ -187,20 +195,45 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   return step
 
 
-def load_model(name: str, dtype: str):
-  """``(model, params, model_config, tokenizer, folder)`` of an HF folder, .gguf file or shipped name."""
+def offload_state(kind: str, opt_state, frozen):
+  """Moves the optimizer state (``kind`` "optimizer") and the frozen base ("optimizer+base")
+  to pinned host memory; returns ``(opt_state, frozen, offload)`` for :func:`make_train_step`.
+
+  Raises a one-line ValueError when the backend has no host memory.
+  """
+  if kind == "none":
+    return opt_state, frozen, None
+  from jax_lora.sharding import with_memory_kind
+
+  def move(tree):
+    dev = jax.tree.map(lambda x: x.sharding, tree)
+    host = with_memory_kind(dev, "pinned_host")
+    return jax.device_put(tree, host), (dev, host)
+
+  opt_state, opt_sh = move(opt_state)
+  fr_sh = None
+  if kind == "optimizer+base" and frozen is not None:
+    frozen, fr_sh = move(frozen)
+  return opt_state, frozen, {"opt": opt_sh, "frozen": fr_sh}
+
+
+def load_model(name: str, dtype: str, **overrides):
+  """``(model, params, model_config, tokenizer, folder)`` of an HF folder, .gguf file or shipped name.
+
+  ``overrides``: model config fields to set (e.g. ``remat="full"``).
+  """
   from jax_lora.models.gguf import load_gguf, tokenizer_from_gguf
   from jax_lora.models.hf import load_hf
 
   path = resolve_model(name)
   jdtype = jnp.dtype(dtype)
   if path.endswith(".gguf"):
-    model, params, config = load_gguf(path, dtype=jdtype)
+    model, params, config = load_gguf(path, dtype=jdtype, **overrides)
     tok = tokenizer_from_gguf(path, cache_dir=os.path.splitext(path)[0] + "-tokenizer")
   else:
     from transformers import AutoTokenizer
 
-    model, params, config = load_hf(path, dtype=jdtype)
+    model, params, config = load_hf(path, dtype=jdtype, **overrides)
     tok = AutoTokenizer.from_pretrained(path)
   if isinstance(params, dict) and set(params) == {"params"}:
     params = params["params"]
@@ -407,7 +440,7 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
   os.makedirs(cfg.out_dir, exist_ok=True)
   write_text(os.path.join(cfg.out_dir, "config.yaml"), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
   t0 = time.perf_counter()
-  model, params, mcfg, tok, model_path = load_model(cfg.model, cfg.dtype)
+  model, params, mcfg, tok, model_path = load_model(cfg.model, cfg.dtype, remat=cfg.remat, attention=cfg.attention)
   data = _load_data(cfg, tok)
   steps = data.batcher.num_steps(cfg.steps, cfg.epochs / cfg.optim.grad_accum)
   trainable, frozen, _, gen_apply = _prepare(cfg, model, params)
@@ -419,7 +452,10 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
   put_batch = None
   if cfg.mesh:
     trainable, frozen, opt_state, put_batch = _shard(cfg, tx, trainable, frozen, opt_state)
-  step_fn = make_train_step(loss_fn, tx, put_batch, loss_bucket=max(16, cfg.seq_len // 2))
+  opt_state, frozen, offload = offload_state(cfg.offload, opt_state, frozen)
+  fr_dev = (offload or {}).get("frozen")
+  frozen_on_device = (lambda: frozen) if fr_dev is None else (lambda: jax.device_put(frozen, fr_dev[0]))
+  step_fn = make_train_step(loss_fn, tx, put_batch, loss_bucket=max(16, cfg.seq_len // 2), offload=offload)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
   _log(cfg.out_dir, {"event": "setup", "model": model_path, "method": cfg.method,
                      "train_examples": data.train_examples, "steps": steps, "trainable_params": n_train,
@@ -431,10 +467,10 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
     """Validation loss and test-set scores of ``trainable`` (before / after training)."""
     out: dict[str, Any] = {}
     if data.val_batches:
-      out["validation_loss"] = _validation_loss(loss_fn, trainable, frozen, data.val_batches)
+      out["validation_loss"] = _validation_loss(loss_fn, trainable, frozen_on_device(), data.val_batches)
     if data.test_rows:
       t = time.perf_counter()
-      gen_params = {"params": trainable} if cfg.method == "full" else jl.combine(trainable, frozen)
+      gen_params = {"params": trainable} if cfg.method == "full" else jl.combine(trainable, frozen_on_device())
       scores, hyps = _test_scores(cfg, model, gen_params, gen_apply, tok, data.test_rows)
       out.update(scores, eval_s=round(time.perf_counter() - t, 1), samples=hyps[:5])
     return out
@@ -450,13 +486,13 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
 
   t_train = time.perf_counter()
   trainable, opt_state, compile_s = _run_steps(cfg, data, step_fn, loss_fn, mngr, trainable, frozen, opt_state,
-                                               start, steps)
+                                               start, steps, frozen_on_device)
   train_s = time.perf_counter() - t_train
   after = evaluate(trainable)
   results.update(after=after, train_s=round(train_s, 1), steps_run=steps - start,
                  s_per_step=round(train_s / max(steps - start, 1), 3),
                  references=[r["completion"].strip() for r in data.test_rows[:5]], compile_s=round(compile_s, 1))
-  _export(cfg, model, mcfg, trainable, frozen, model_path)
+  _export(cfg, model, mcfg, trainable, frozen_on_device(), model_path)
   _log(cfg.out_dir, {**_metrics_row("after", steps, after), "train_s": results["train_s"],
                      "compile_s": results["compile_s"]})
   _write_json(os.path.join(cfg.out_dir, "results.json"), results)
@@ -468,9 +504,10 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
 
 
 def _run_steps(cfg: TrainConfig, data: _Data, step_fn, loss_fn, mngr, trainable, frozen, opt_state,
-               start: int, steps: int):
+               start: int, steps: int, frozen_on_device: Callable):
   """Optimizer steps ``start..steps``: logging, validation, checkpoints. Returns
-  ``(trainable, opt_state, compile seconds)``."""
+  ``(trainable, opt_state, compile seconds)``. ``frozen_on_device()`` is the frozen
+  base for validation (a device copy when it is offloaded to host memory)."""
   accum = cfg.optim.grad_accum
   base_key = jax.random.key(cfg.seed + 1)
   losses, timed, tokens, compile_s = [], [], 0, 0.0
@@ -505,7 +542,7 @@ def _run_steps(cfg: TrainConfig, data: _Data, step_fn, loss_fn, mngr, trainable,
       losses, timed, tokens = [], [], 0
       _log(cfg.out_dir, row)
     if data.val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == steps):
-      vl = _validation_loss(loss_fn, trainable, frozen, data.val_batches)
+      vl = _validation_loss(loss_fn, trainable, frozen_on_device(), data.val_batches)
       _log(cfg.out_dir, {"event": "validation", "step": done, "val_loss": round(vl, 4)})
     if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
       _save(mngr, done, trainable, opt_state)

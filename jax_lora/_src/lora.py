@@ -213,8 +213,11 @@ def lora_matmul(x, wb, a, b, scale, *, x_lora=None, precision=None, dtype=None):
   """``x @ W + scale·(x_lora @ a) @ b`` on 2-D operands, without forming ``a @ b``.
 
   ``wb`` is the base kernel: a float array or a quantized array, dequantized to
-  ``dtype`` here and again in the backward pass (no float copy of a quantized
-  base stays alive between them). ``x_lora`` is the LoRA branch's input
+  ``dtype`` in the forward pass and again in the backward pass. Each
+  dequantization is tied to the value it serves (``x`` forward, the incoming
+  cotangent backward; see :func:`_w2_after`), so XLA can neither merge the two
+  (CSE) nor hoist them: no float copy of a quantized base stays alive between
+  the forward and the backward pass. ``x_lora`` is the LoRA branch's input
   (``x`` with dropout applied; default ``x``). A custom VJP keeps every
   product thin (rank r); the base's weight gradient is only computed if asked
   for (a float base being differentiated), otherwise XLA removes it.
@@ -225,6 +228,23 @@ def lora_matmul(x, wb, a, b, scale, *, x_lora=None, precision=None, dtype=None):
 
 def _w2(wb, dtype, n_in):
   return materialize(wb, dtype).reshape(n_in, -1)
+
+
+def _w2_after(wb, t, dtype, n_in):
+  """The kernel dequantized only once ``t`` exists, as a value of its own.
+
+  Every array of a quantized kernel (codes and scales) gets ``0·t[0]`` added: a
+  data dependence on ``t`` that XLA cannot fold (``0·t`` is not 0 for inf/NaN),
+  so neither the code look-ups nor the scaling can be hoisted ahead of ``t``,
+  and the backward dequantization differs from the forward one.
+  ``optimization_barrier`` alone is not enough: XLA:CPU removes barriers before
+  common-subexpression elimination. A float kernel is returned as is.
+  """
+  if not is_quantized(wb):
+    return _w2(wb, dtype, n_in)
+  zero = jax.lax.optimization_barrier(t.reshape(-1)[0]).astype(jnp.float32) * 0
+  wb = jax.tree.map(lambda v: v + zero.astype(v.dtype), wb)
+  return _w2(wb, dtype, n_in)
 
 
 def _add_low_rank(y: jax.Array, u: jax.Array, v: jax.Array, precision=None) -> jax.Array:
@@ -239,7 +259,7 @@ def _lmm(x, xl, wb, a, b, scale, precision, dtype):
 
 def _lmm_fwd(x, xl, wb, a, b, scale, precision, dtype):
   xa = jnp.dot(xl, a, precision=precision) * jnp.asarray(scale, x.dtype)
-  y = _add_low_rank(jnp.dot(x, _w2(wb, dtype, x.shape[1]), precision=precision), xa, b, precision)
+  y = _add_low_rank(jnp.dot(x, _w2_after(wb, x, dtype, x.shape[1]), precision=precision), xa, b, precision)
   return y, (x, xl, wb, a, b, xa)
 
 
@@ -251,25 +271,52 @@ def _zero_cotangent(tree):
   return jax.tree.map(z, tree)
 
 
+def _base_grad(x, g, wb, precision):
+  if is_quantized(wb):
+    return _zero_cotangent(wb)  # a quantized base is frozen by construction
+  return jnp.dot(x.T, g, precision=precision).reshape(wb.shape).astype(wb.dtype)
+
+
 def _lmm_bwd(scale, precision, dtype, res, g):
   x, xl, wb, a, b, xa = res
-  w = _w2(wb, dtype, x.shape[1])
+  w = _w2_after(wb, g, dtype, x.shape[1])
   gb = jnp.dot(g, b.T, precision=precision) * jnp.asarray(scale, g.dtype)  # (N, r)
   dx = jnp.dot(g, w.T, precision=precision)
   dxl = jnp.dot(gb, a.T, precision=precision)
-  if is_quantized(wb):
-    dw = _zero_cotangent(wb)  # a quantized base is frozen by construction
-  else:
-    dw = jnp.dot(x.T, g, precision=precision).reshape(wb.shape).astype(wb.dtype)
-  return (dx, dxl, dw, jnp.dot(xl.T, gb, precision=precision), jnp.dot(xa.T, g, precision=precision))
+  return (dx, dxl, _base_grad(x, g, wb, precision), jnp.dot(xl.T, gb, precision=precision),
+          jnp.dot(xa.T, g, precision=precision))
 
 
 _lmm.defvjp(_lmm_fwd, _lmm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmm(x, wb, precision, dtype):
+  """``x @ dequantize(wb)`` for a frozen quantized kernel without LoRA, dequantized again
+  in the backward pass rather than kept (see :func:`lora_matmul`)."""
+  return jnp.dot(x, _w2_after(wb, x, dtype, x.shape[1]), precision=precision)
+
+
+def _qmm_fwd(x, wb, precision, dtype):
+  return _qmm(x, wb, precision, dtype), (wb, jnp.zeros((0, x.shape[1]), x.dtype))
+
+
+def _qmm_bwd(precision, dtype, res, g):
+  wb, x0 = res
+  return jnp.dot(g, _w2_after(wb, g, dtype, x0.shape[1]).T, precision=precision), _zero_cotangent(wb)
+
+
+_qmm.defvjp(_qmm_fwd, _qmm_bwd)
+
+
 def _compute_dtype(x: jax.Array, base: Any, dtype=None):
-  """``dtype`` if given, else Flax's default: the promoted type of input and kernel
-  (a quantized kernel takes the input's dtype)."""
+  """The dtype a kernel is computed in. A quantized kernel's own ``compute_dtype``
+  (set from :class:`jax_lora.QuantConfig`) wins; else ``dtype`` (the layer's) if given;
+  else Flax's default: the promoted type of input and kernel (a quantized kernel
+  takes the input's dtype)."""
+  own = getattr(base, "compute_dtype", None) if is_quantized(base) else None
+  if own is not None:
+    return own
   if dtype is not None:
     return dtype
   return x.dtype if is_quantized(base) else jnp.result_type(x.dtype, base.dtype)
@@ -294,7 +341,9 @@ def dense(x: jax.Array, kernel: Any, bias: jax.Array | None = None, *, n_in: int
     raise ValueError(f"kernel input axes {shape[:n_in]} do not match the input's {tuple(ins)}")
   outs = shape[n_in:]
   x2 = x.reshape(-1, math.prod(ins))
-  if lw is None:
+  if lw is None and is_quantized(base):
+    y = _qmm(x2, base, precision, dtype)
+  elif lw is None:
     y = jnp.dot(x2, _w2(base, dtype, x2.shape[1]), precision=precision)
   else:
     _note(lw.path)

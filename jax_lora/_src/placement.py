@@ -51,20 +51,16 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, opt_state: Any,
                                transform_non_params=lambda _: rep, is_leaf=lambda x: x is None)
 
 
-def _supported_kinds(mesh: Mesh) -> list[str]:
-  return [m.kind for m in mesh.devices.flat[0].addressable_memories()]
-
-
 def with_memory_kind(shardings: Any, memory_kind: str) -> Any:
   """The same shardings in another memory (e.g. ``"pinned_host"`` for host offload).
 
   Raises a clear error when the backend has no such memory.
   """
-  leaves = [s for s in jax.tree.leaves(shardings) if isinstance(s, NamedSharding)]
+  leaves = [s for s in jax.tree.leaves(shardings) if isinstance(s, jax.sharding.Sharding)]
   if leaves:
-    kinds = _supported_kinds(leaves[0].mesh)
+    dev = min(leaves[0].device_set, key=lambda d: d.id)  # any sharding: Named or single-device
+    kinds = [m.kind for m in dev.addressable_memories()]
     if memory_kind not in kinds:
-      dev = leaves[0].mesh.devices.flat[0]
       raise ValueError(f"the {dev.platform} backend has no memory kind {memory_kind!r} (it has {kinds}); "
                        "host offload is unavailable here: keep the optimizer state on device (offload off)")
   return jax.tree.map(lambda s: s.with_memory_kind(memory_kind), shardings)

@@ -118,7 +118,7 @@ def merge_quantized(adapted: Any, requantize: bool = False, dtype=None) -> tuple
       return target
     q = v.w
     rq = quantize_array(target, q.scheme, q.block_size, double_quant=q.double_quant,
-                        dq_block_size=q.dq_block_size, axis=q.axis)
+                        dq_block_size=q.dq_block_size, axis=q.axis, compute_dtype=q.compute_dtype)
     err = rq.dequantize(jnp.float32) - merged
     report[path] = MergeError(float(jnp.max(jnp.abs(err))), float(jnp.mean(jnp.abs(err))),
                               float(jnp.linalg.norm(err) / jnp.maximum(jnp.linalg.norm(merged), 1e-30)))

@@ -108,7 +108,10 @@ class QuantConfig:
   targets: tuple[str, ...] | None = None  # regexes fullmatched on "/" paths; None: every ≥2-D "kernel" leaf
   min_size: int = 4096  # with targets=None, smaller kernels stay float
   axis: int = -2  # kernel axis the blocks run along: the input axis of (in, out) and (layers, in, out) kernels
-  compute_dtype: Any = jnp.bfloat16  # dtype dequantized weights are computed in (jax_lora.linen.apply)
+  # The dtype a quantized kernel is dequantized to and multiplied in (x is cast to it; LoRA A/B
+  # are cast to it inside the matmul, their float32 values and gradients stay float32). None: the
+  # layer's compute dtype (Flax ``dtype``, else the input's). Stored on each QuantizedArray.
+  compute_dtype: Any = None
 
   def __post_init__(self):
     if self.scheme not in _SCHEMES:
@@ -119,6 +122,11 @@ class QuantConfig:
       raise ValueError(f"QuantConfig.dq_block_size={self.dq_block_size} must be ≥ 1 (e.g. 256)")
     if isinstance(self.targets, str):
       raise ValueError("QuantConfig.targets must be a tuple of regexes, not a string; wrap it: (pattern,)")
+    if self.compute_dtype is not None:
+      if not jnp.issubdtype(jnp.dtype(self.compute_dtype), jnp.floating):
+        raise ValueError(f"QuantConfig.compute_dtype={self.compute_dtype!r} must be a float dtype "
+                         "(e.g. jnp.bfloat16) or None")
+      object.__setattr__(self, "compute_dtype", np.dtype(jnp.dtype(self.compute_dtype)))
 
 
 def _field(static: bool = False, default=dataclasses.MISSING):
@@ -150,6 +158,8 @@ class QuantizedArray:
   shape: tuple[int, ...] = _field(True, ())
   dtype: Any = _field(True, np.dtype(np.float32))
   axis: int = _field(True, 0)  # non-negative index of the quantized axis in ``shape``
+  # dtype the kernel is dequantized to and multiplied in by the LoRA matmul (None: the layer's dtype)
+  compute_dtype: Any = _field(True, None)
 
   # ---------------------------------------------------------------- shape-like
   @property
@@ -351,7 +361,8 @@ def _quantize_jit(w, *, scheme, block_size, double_quant, dq_block_size, axis):
 
 
 def quantize_array(w: Any, scheme: str = "nf4", block_size: int = 64, *, double_quant: bool = True,
-                   dq_block_size: int = 256, axis: int = -2, check_finite: bool = True) -> QuantizedArray:
+                   dq_block_size: int = 256, axis: int = -2, check_finite: bool = True,
+                   compute_dtype: Any = None) -> QuantizedArray:
   """Quantizes one float array block-wise (blocks along ``axis``).
 
   Args:
@@ -363,11 +374,14 @@ def quantize_array(w: Any, scheme: str = "nf4", block_size: int = 64, *, double_
     axis: the axis blocks run along (default -2: the input axis of an (in, out) kernel;
       a 1-D array uses axis 0).
     check_finite: raise on NaN/inf (needs a concrete array; skipped under tracing).
+    compute_dtype: the dtype the kernel is dequantized to and multiplied in (None: the
+      layer's compute dtype); see :class:`QuantConfig`.
 
   Returns:
     A :class:`QuantizedArray` whose ``dequantize()`` has ``w``'s shape and dtype.
   """
-  QuantConfig(scheme=scheme, block_size=block_size, dq_block_size=dq_block_size)  # validates
+  compute_dtype = QuantConfig(scheme=scheme, block_size=block_size, dq_block_size=dq_block_size,
+                              compute_dtype=compute_dtype).compute_dtype  # validates
   w = jnp.asarray(w)
   if not jnp.issubdtype(w.dtype, jnp.floating):
     raise ValueError(f"can only quantize float arrays, got dtype {w.dtype}; cast it to float32 first")
@@ -382,7 +396,7 @@ def quantize_array(w: Any, scheme: str = "nf4", block_size: int = 64, *, double_
   parts = _quantize_jit(w, scheme=scheme, block_size=block_size, double_quant=double_quant,
                         dq_block_size=dq_block_size, axis=ax)
   return QuantizedArray(**parts, scheme=scheme, block_size=block_size, dq_block_size=dq_block_size,
-                        shape=tuple(w.shape), dtype=np.dtype(w.dtype), axis=ax)
+                        shape=tuple(w.shape), dtype=np.dtype(w.dtype), axis=ax, compute_dtype=compute_dtype)
 
 
 # ------------------------------------------------------------------------------ pytrees
@@ -409,7 +423,8 @@ def quantize(params: Any, config: QuantConfig = QuantConfig()) -> Any:
       raise ValueError(f"{path!r} is already quantized; quantize the float parameters once")
     try:
       return quantize_array(x, config.scheme, config.block_size, double_quant=config.double_quant,
-                            dq_block_size=config.dq_block_size, axis=config.axis)
+                            dq_block_size=config.dq_block_size, axis=config.axis,
+                            compute_dtype=config.compute_dtype)
     except ValueError as e:
       raise ValueError(f"{path!r}: {e}") from None
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jax_lora.models.attention import attend, check_implementation, dot_product_attention
 from jax_lora.models.llama import allowed_mask, cache_update, logits_dtype, mask_and_positions, project
+from jax_lora.remat import check_policy, remat_module, tag_layer_input
 
 __all__ = [
     "GPT2Config",
@@ -55,9 +56,13 @@ class GPT2Config:
   activation_function: str = "gelu_new"  # MLP activation (gelu_new, gelu, relu)
   model_type: str = "gpt2"  # Hugging Face model_type
   attention: str = "auto"  # training/scoring attention kernel (see models.attention); not saved to config.json
+  # Gradient checkpointing of each block: "none", "full", "dots" or "offload" (see jax_lora.remat).
+  # A training setting: never written to config.json.
+  remat: str = "none"
 
   def __post_init__(self):
     check_implementation(self.attention)
+    check_policy(self.remat, "GPT2Config.remat")
 
   @property
   def head_dim(self) -> int:
@@ -147,6 +152,7 @@ class GPT2Block(nn.Module):
   @nn.compact
   def __call__(self, x, mask, cache=None, index=0):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = tag_layer_input(x)
     h, cache = GPT2Attention(c, name="attn", **kw)(
         nn.LayerNorm(c.layer_norm_epsilon, name="ln_1", **kw)(x), mask, cache, index
     )
@@ -163,7 +169,8 @@ class GPT2Model(nn.Module):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.wte = nn.Embed(c.vocab_size, c.n_embd, name="wte", **kw)
     self.wpe = nn.Embed(c.n_positions, c.n_embd, name="wpe", **kw)
-    self.h = [GPT2Block(c, name=f"h_{i}", **kw) for i in range(c.n_layer)]
+    block = remat_module(GPT2Block, c.remat)
+    self.h = [block(c, name=f"h_{i}", **kw) for i in range(c.n_layer)]
     self.ln_f = nn.LayerNorm(c.layer_norm_epsilon, name="ln_f", **kw)
 
   def __call__(self, input_ids, mask, positions, cache=None, index=0):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_lora.models.attention import attend, check_implementation, dot_product_attention
+from jax_lora.remat import check_policy, remat_module, tag_layer_input
 
 __all__ = [
     "LlamaConfig",
@@ -70,9 +71,13 @@ class LlamaConfig:
   scan_layers: bool = False  # stack the layers with nn.scan (params get a leading layer axis)
   model_type: str = "llama"  # Hugging Face model_type this config came from / is saved as
   attention: str = "auto"  # training/scoring attention kernel (see models.attention); not saved to config.json
+  # Gradient checkpointing of each decoder layer: "none", "full", "dots" or "offload" (see
+  # jax_lora.remat). A training setting: never written to config.json.
+  remat: str = "none"
 
   def __post_init__(self):
     check_implementation(self.attention)
+    check_policy(self.remat, "LlamaConfig.remat")
 
   @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> LlamaConfig:
@@ -295,6 +300,7 @@ class LlamaDecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, cache, positions, mask, index):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = tag_layer_input(x)
     h = RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
     h, cache = LlamaAttention(c, name="self_attn", **kw)(h, positions, mask, cache, index)
     x = x + h
@@ -312,7 +318,7 @@ class LlamaModel(nn.Module):
     self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens", **kw)
     if c.scan_layers:
       scanned = nn.scan(
-          LlamaDecoderLayer,
+          remat_module(LlamaDecoderLayer, c.remat, scan=True),
           variable_axes={"params": 0},
           split_rngs={"params": True},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
@@ -320,7 +326,8 @@ class LlamaModel(nn.Module):
       )
       self.layers = scanned(c, name="layers", **kw)
     else:
-      self.layers = [LlamaDecoderLayer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
+      layer = remat_module(LlamaDecoderLayer, c.remat)
+      self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, name="norm", **kw)
 
   def __call__(self, input_ids, mask, positions, cache=None, index=0):
