@@ -13,6 +13,7 @@ import pytest
 
 import jax_lora as jl
 import jax_lora.adapters  # noqa: F401 - jl.adapters
+from jax_lora._src import remat as _remat_impl
 from bench.bench_memory import step_memory
 from jax_lora.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jax_lora.models.llama import LlamaConfig, LlamaForCausalLM
@@ -112,7 +113,7 @@ def test_remat_config_and_policies(monkeypatch):
   assert jl.remat.remat_policy("full") is jax.checkpoint_policies.nothing_saveable
   assert jl.remat.remat_policy("dots") is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   assert jl.remat.remat_policy("offload") is not None  # XLA:CPU has pinned_host memory in jax 0.10
-  monkeypatch.setattr(jl.remat, "_host_memory_ok", lambda: (False, "tpu (memory kinds ['device'])"))
+  monkeypatch.setattr(_remat_impl, "_host_memory_ok", lambda: (False, "tpu (memory kinds ['device'])"))
   with pytest.raises(ValueError, match=r"remat='offload' needs host memory .* tpu .* use remat='full' instead"):
     jl.remat.remat_policy("offload")
 
