@@ -4,8 +4,8 @@ Usage:
   python bench/bench_memory.py --only shapes=1b-8l methods=full,lora,qlora seqs=512 [--scan] [--remat full]
   python bench/bench_memory.py --only shapes=8b methods=qlora seqs=2048,8192 --remat full
   python bench/bench_memory.py --max-context --only shapes=8b methods=qlora --remat full
-  options: --attention naive|blockwise|auto (model config field ``attention``, if the model has it),
-           --loss-chunk N (chunked LM-head loss, if ``jax_lora.losses`` exists), --batch, --rank, --json PATH
+  options: --attention auto|naive|blockwise (the model's training attention), --loss-chunk N (LM head +
+           loss in chunks of N tokens, jax_lora.losses), --batch, --rank, --dtype, --json PATH
 
 Nothing is allocated: the params come from ``jax.eval_shape(model.init, ...)``,
 the LoRA/QLoRA trees from ``jax.eval_shape`` over ``jl.init_lora`` /
@@ -25,7 +25,6 @@ the adapted kernels (as train/loop.py does).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -58,33 +57,16 @@ SHAPES = {
 }
 
 
-def llama_config(shape: str, *, scan: bool = False, remat: str = "none", attention: str | None = None,
+def llama_config(shape: str, *, scan: bool = False, remat: str = "none", attention: str = "auto",
                  max_len: int = 2048) -> LlamaConfig:
-  """The :class:`LlamaConfig` of a named shape (``remat``/``attention`` need those config fields)."""
-  kw = dict(SHAPES[shape], scan_layers=scan, max_position_embeddings=max_len)
-  fields = {f.name for f in dataclasses.fields(LlamaConfig)}
-  for name, value, default in (("remat", remat, "none"), ("attention", attention, None)):
-    if value is None or (value == default and name not in fields):
-      continue
-    if name not in fields:
-      raise SystemExit(f"--{name} {value}: LlamaConfig has no field {name!r} in this checkout")
-    kw[name] = value
-  return LlamaConfig(**kw)
+  """The :class:`LlamaConfig` of a named shape with the memory options."""
+  return LlamaConfig(**SHAPES[shape], scan_layers=scan, max_position_embeddings=max_len, remat=remat,
+                     attention=attention)
 
 
 def _loss_fn(model, method: str, loss_chunk: int):
   from jax_lora_app.loop import make_loss_fn
 
-  if not loss_chunk:
-    return make_loss_fn(model, method)
-  try:
-    from jax_lora import losses  # noqa: F401  (the chunked LM-head loss, built elsewhere)
-  except ImportError:
-    raise SystemExit("--loss-chunk needs jax_lora.losses, which this checkout lacks; drop --loss-chunk") from None
-  import inspect
-
-  if "loss_chunk" not in inspect.signature(make_loss_fn).parameters:
-    raise SystemExit("--loss-chunk: train.loop.make_loss_fn takes no loss_chunk in this checkout; drop --loss-chunk")
   return make_loss_fn(model, method, loss_chunk=loss_chunk)
 
 
@@ -177,8 +159,8 @@ def main(argv=None):
   ap.add_argument("--only", nargs="*", help="shapes=1b-8l,8b methods=full,lora,qlora seqs=512,2048")
   ap.add_argument("--scan", action="store_true", help="scan_layers=True")
   ap.add_argument("--remat", default="none", help="model remat policy: none|full|dots|offload")
-  ap.add_argument("--attention", default=None, help="model attention: naive|blockwise|auto (if the field exists)")
-  ap.add_argument("--loss-chunk", type=int, default=0, help="chunked LM-head loss (if jax_lora.losses exists)")
+  ap.add_argument("--attention", default="auto", help="model attention: auto|naive|blockwise")
+  ap.add_argument("--loss-chunk", type=int, default=0, help="LM head + loss in chunks of this many tokens (0: off)")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--rank", type=int, default=16)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
