@@ -54,7 +54,7 @@ def torch_side(folder, ids, mask, loss_mask, rank, alpha, lr):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
   return step
 
