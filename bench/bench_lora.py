@@ -13,7 +13,6 @@ run (the machine is shared and noisy; absolute times drift, ratios less so):
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import jax_lora as jl  # noqa: E402
-from bench.model import BenchConfig, make  # noqa: E402
+from bench.model import BenchConfig, make, parse_args  # noqa: E402
 from bench.timing import interleaved_medians, write_json  # noqa: E402
 
 
@@ -96,16 +95,7 @@ RATIOS = [
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--steps", type=int, default=8, help="timed calls per case per round")
-  ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (drift cancels)")
-  ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--d-model", type=int, default=512)
-  ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--seq", type=int, default=128)
-  ap.add_argument("--json", help="also write results here")
-  a = ap.parse_args(argv)
-  cfg = BenchConfig(layers=a.layers, d_model=a.d_model, batch=a.batch, seq=a.seq)
+  a, cfg = parse_args(__doc__.splitlines()[0], argv)
   med = interleaved_medians(build(cfg), a.steps, a.rounds)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {cfg}")
   print(f"{'case':<20} {'median ms':>10}")

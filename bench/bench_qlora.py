@@ -10,7 +10,6 @@ times and qlora / lora (target ≤ 1.15), plus the forward-only ratio.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,7 +21,7 @@ import optax  # noqa: E402
 
 import jax_lora as jl  # noqa: E402
 from bench.timing import interleaved_medians, write_json  # noqa: E402
-from bench.model import BenchConfig, make  # noqa: E402
+from bench.model import BenchConfig, make, parse_args  # noqa: E402
 from jax_lora import quant as Q  # noqa: E402
 
 
@@ -54,13 +53,7 @@ def build(cfg: BenchConfig, rank: int = 8):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--steps", type=int, default=8)
-  ap.add_argument("--rounds", type=int, default=3)
-  ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--json", default=None)
-  a = ap.parse_args(argv)
-  cfg = BenchConfig(layers=a.layers)
+  a, cfg = parse_args(__doc__.splitlines()[0], argv)
   cases, bits = build(cfg)
   med = interleaved_medians(cases, a.steps, a.rounds)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {cfg}")

@@ -11,7 +11,6 @@ and for QLoRA (NF4, double quantization), plus each step's compiled temp memory.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -23,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import jax_lora as jl  # noqa: E402
-from bench.model import BenchConfig, Transformer, make  # noqa: E402
+from bench.model import BenchConfig, Transformer, make, parse_args  # noqa: E402
 from bench.timing import interleaved_medians, write_json  # noqa: E402
 
 
@@ -51,13 +50,7 @@ def build(cfg: BenchConfig, rank: int = 8):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--steps", type=int, default=8)
-  ap.add_argument("--rounds", type=int, default=3)
-  ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--json", default=None)
-  a = ap.parse_args(argv)
-  cfg = BenchConfig(layers=a.layers)
+  a, cfg = parse_args(__doc__.splitlines()[0], argv)
   cases, temps = build(cfg)
   med = interleaved_medians(cases, a.steps, a.rounds)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {cfg}")

@@ -72,3 +72,20 @@ def make(cfg: BenchConfig = BenchConfig(), seed: int = 0):
   y = jax.random.normal(ky, x.shape, x.dtype)
   params = model.init(kp, x)["params"]
   return model, params, x, y
+
+
+def parse_args(description: str, argv=None):
+  """``(args, BenchConfig)`` from the options every core-model benchmark takes: timed calls
+  per case per round, interleaved rounds, the model's size, and a JSON output path."""
+  import argparse
+
+  ap = argparse.ArgumentParser(description=description)
+  ap.add_argument("--steps", type=int, default=8, help="timed calls per case per round")
+  ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (drift cancels)")
+  ap.add_argument("--layers", type=int, default=4)
+  ap.add_argument("--d-model", type=int, default=512)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=128)
+  ap.add_argument("--json", default=None, help="also write results here")
+  a = ap.parse_args(argv)
+  return a, BenchConfig(layers=a.layers, d_model=a.d_model, batch=a.batch, seq=a.seq)
