@@ -217,6 +217,11 @@ def _end_k_block(i, bq, bk, nk):
   return jnp.minimum(((i + 1) * bq - 1) // bk + 1, nk)
 
 
+def _key_tile(k, v, seg_k, j, bk):
+  """Keys, values and key segment ids of key block ``j`` (``bk`` positions)."""
+  return tuple(jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis=1) for x in (k, v, seg_k))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _flash(q, k, v, seg_q, seg_k, bq, bk):
   return _flash_forward(q, k, v, seg_q, seg_k, bq, bk)[0]
@@ -234,9 +239,7 @@ def _flash_forward(q, k, v, seg_q, seg_k, bq, bk):
 
     def k_block(j, state):
       m, l, acc = state
-      kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
-      vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
-      seg_kj = jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
+      kj, vj, seg_kj = _key_tile(k, v, seg_k, j, bk)
       scores, allowed = _tile_scores(qi, kj, seg_qi, seg_kj, i * bq, j * bk)
       m_new = jnp.maximum(m, scores.max(-1))
       p = jnp.where(allowed, jnp.exp(scores - m_new[..., None]), 0.0)
@@ -275,9 +278,7 @@ def _flash_bwd(bq, bk, res, dout):
 
   def k_block(j, carry):
     dq, dk, dv = carry
-    kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
-    vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
-    seg_kj = jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
+    kj, vj, seg_kj = _key_tile(k, v, seg_k, j, bk)
 
     def q_block(i, state):
       dq, dkj, dvj = state
