@@ -108,7 +108,7 @@ def test_lora_config_targets(tmp_path):
   import jax_lora as jl
 
   cfg = tc.config_from_dict({"data": {"task": "de_en"}, "lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "all-linear", ".*/o_proj/kernel"]}})
-  lc = tc.lora_config(cfg)
+  lc = cfg.lora
   assert isinstance(lc, jl.LoraConfig) and lc.rank == 4 and lc.alpha == 8.0
   q, everything, o = lc.target_patterns
   assert everything == jl.LoraConfig.all_linear().targets[0]

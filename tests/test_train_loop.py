@@ -48,7 +48,7 @@ def test_gradient_accumulation_matches_big_batch(tiny, tmp_path):
 
   cfg = tiny.cfg(tmp_path, **{"optim.grad_accum": 2, "optim.warmup_steps": 0, "optim.schedule": "constant"})
   model, params, _, tok, _ = tl.load_model(cfg.model, "float32")
-  tr, fr = jl.split(jl.init_lora(params, tc.lora_config(cfg), jax.random.key(0)))
+  tr, fr = jl.split(jl.init_lora(params, cfg.lora, jax.random.key(0)))
   tr = jax.tree.map(lambda x: x + 0.01, tr)  # nonzero B so A gets gradients too
   ex = td.tokenize_rows(tok, td.load_rows(tiny[1]["train"])[:8], 16)
   b1, b2 = td.pad_batch(ex[:4], 16, 0), td.pad_batch(ex[4:], 16, 0)
@@ -80,7 +80,7 @@ def test_packed_batch_loss_equals_separate_examples(tiny):
 
   cfg = tiny.cfg("unused")
   model, params, _, tok, _ = tl.load_model(cfg.model, "float32")
-  tr, fr = jl.split(jl.init_lora(params, tc.lora_config(cfg), jax.random.key(0)))
+  tr, fr = jl.split(jl.init_lora(params, cfg.lora, jax.random.key(0)))
   tr = jax.tree.map(lambda x: x + 0.05, tr)  # B != 0: the adapter changes the loss too
   ex = td.tokenize_rows(tok, td.load_rows(tiny[1]["train"])[:64], 16)
   batcher = td.Batcher(ex, batch_size=4, seq_len=32, pad_id=0, seed=0, packing=True)

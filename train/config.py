@@ -48,7 +48,6 @@ __all__ = [
     "apply_overrides",
     "resolve_data",
     "resolve_model",
-    "lora_config",
     "validate",
 ]
 
@@ -533,8 +532,3 @@ def resolve_model(name: str) -> str:
   if not os.path.exists(name):
     raise ValueError(f"model {name!r} is neither a shipped model ({', '.join(SHIPPED_MODELS)}) nor an existing path")
   return name
-
-
-def lora_config(cfg: TrainConfig) -> LoraConfig:
-  """The run's :class:`jax_lora.LoraConfig` (its ``lora`` section)."""
-  return cfg.lora
