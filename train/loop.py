@@ -32,7 +32,7 @@ import tqdm
 import jax_lora as jl
 from jax_lora.losses import chunked_token_nll, token_nll
 from jax_lora.files import write_text
-from jax_lora.tree import path_str
+from jax_lora.tree import flat_paths
 
 from . import data as td
 from . import metrics as tm
@@ -299,16 +299,14 @@ def _by_path(tree) -> dict[str, Any]:
   checkpoint stores: a leaf is found again by its path, not by its position)."""
   from flax import traverse_util
 
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return traverse_util.unflatten_dict({tuple(path_str(kp).split("/")): x for kp, x in flat})
+  return traverse_util.unflatten_dict({tuple(p.split("/")): x for p, x in flat_paths(tree).items()})
 
 
 def _from_paths(tree, stored: dict) -> Any:
   from flax import traverse_util
 
   flat = traverse_util.flatten_dict(stored)
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return jax.tree.unflatten(jax.tree.structure(tree), [flat[tuple(path_str(kp).split("/"))] for kp, _ in leaves])
+  return jax.tree.unflatten(jax.tree.structure(tree), [flat[tuple(p.split("/"))] for p in flat_paths(tree)])
 
 
 def _save(mngr, step: int, trainable, opt_state) -> None:
