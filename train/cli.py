@@ -82,6 +82,7 @@ def evaluate(model_dir: str, data: str, adapter: str | None = None, batch_size: 
   import numpy as np
 
   import jax_lora as jl
+  from jax_lora.losses import token_nll
   from jax_lora.models import load_hf
 
   if batch_size < 1:
@@ -100,11 +101,8 @@ def evaluate(model_dir: str, data: str, adapter: str | None = None, batch_size: 
 
   @jax.jit
   def batch_loss(p, ids, mask):
-    logits = jl.linen.apply(model, p, ids, mask)[0].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    ce = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-    return jnp.sum(ce * w), jnp.sum(w)
+    logits = jl.linen.apply(model, p, ids, mask)[0]
+    return token_nll(logits[:, :-1], ids[:, 1:], mask[:, 1:] * mask[:, :-1])
 
   total, count = 0.0, 0
   for i in range(0, len(seqs), batch_size):
