@@ -181,24 +181,12 @@ def inspect_model(model_dir: str, config_yaml: str | None = None):
   from flax import traverse_util
 
   import jax_lora as jl
-  from jax_lora.tree import match_paths
 
   cfg = _read_yaml_lora(config_yaml)
   _, shapes = _shapes(model_dir)
-  targets = set(match_paths(shapes, cfg.target_patterns, what="LoRA target"))
-  flat = {}
-  for p, shape in shapes.items():
-    sds = jax.ShapeDtypeStruct(shape, "float32")
-    if p not in targets:
-      flat[p] = sds
-      continue
-    lay = cfg.layout_for(p, len(shape))
-    r = cfg.rank_for(p)
-    a = tuple(s for s, c in zip(shape, lay) if c in "bi") + (r,)
-    b = tuple(s for s, c in zip(shape, lay) if c == "b") + (r,) + tuple(s for s, c in zip(shape, lay) if c == "o")
-    flat[p] = jl.LoraWeight(w=sds, a=jax.ShapeDtypeStruct(a, "float32"), b=jax.ShapeDtypeStruct(b, "float32"),
-                            alpha=cfg.alpha_for(p), rank=r, layout=lay, path=p, rslora=cfg.use_rslora)
-  tree = traverse_util.unflatten_dict(flat, sep="/")
+  params = traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(s, "float32") for p, s in shapes.items()}, sep="/")
+  # shapes only: init_lora traced abstractly (no weights are read or made)
+  tree = jax.eval_shape(lambda p: jl.init_lora(p, cfg, jax.random.key(0)), params)
   return jl.param_report(tree, bias=cfg.bias)
 
 
