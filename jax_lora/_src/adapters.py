@@ -133,7 +133,11 @@ class AdapterBank:
 
   def add_peft(self, name: str, folder: str, model_type: str = "llama") -> "AdapterBank":
     """A bank with the PEFT adapter folder ``folder`` added under ``name``."""
-    from jax_lora._src.peft import load_peft
+    from jax_lora._src.peft import full_tensors, load_peft, read_peft
+    whole = full_tensors(read_peft(folder))
+    if whole:
+      raise ValueError(f"{folder}: the adapter also replaces whole tensors ({', '.join(sorted(whole)[:3])}), which "
+                       "adapters sharing one base cannot; load it with jax_lora.peft.load_peft instead")
     return self.add(name, extract(load_peft(folder, self.base, model_type)))
 
   def remove(self, name: str) -> "AdapterBank":
