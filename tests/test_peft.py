@@ -238,7 +238,7 @@ _GOOD = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ze
     ("rank", {"r": 4}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 32), np.float32),
                         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((32, 2), np.float32)},
      "rank 4"),
-    ("dora", {"r": 2, "use_dora": True}, {}, "DoRA"),
+    ("dora_without_magnitude", {"r": 2, "use_dora": True}, _GOOD, "lora_magnitude_vector"),
     ("unexplained_whole_tensor", {"r": 2}, {"base_model.model.lm_head.weight": np.zeros((32, 32), np.float32)},
      "does not explain"),
     ("typo", {"r": 2, "lora_alpah": 32}, _GOOD, r"unknown field 'lora_alpah' \(did you mean 'lora_alpha'"),
@@ -375,3 +375,82 @@ def test_one_resolver_for_load_and_merge(llama, tmp_path):
   with pytest.raises(ValueError, match="not in the base"):
     merge_adapter_files(base, folder, str(tmp_path / "m"))
   assert not os.path.exists(tmp_path / "m")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dora_matches_peft(tmp_path, kind):
+  """DoRA: PEFT's adapter loads with equal logits and A/B/magnitude gradients; merges (ours, files) and
+  saves back equal PEFT."""
+  from jax_lora.peft import merge_adapter_files
+  from safetensors.numpy import load_file
+  base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+  tiny_model(base, kind)
+  pm = peft_adapter(base, adapter, kind, use_dora=True)
+  _train_everything(pm)  # magnitudes move away from ‖W + s·BA‖ as after training
+  pm.save_pretrained(adapter)
+  ids = _ids(seed=6)
+  probe = np.random.default_rng(0).standard_normal((*ids.shape, 32)).astype(np.float32)
+  out = pm(input_ids=torch.tensor(ids, dtype=torch.long)).logits
+  (out * torch.tensor(probe)).sum().backward()
+  ref = out.detach().numpy()
+  model, variables, config = load_hf(base)
+  adapted = load_peft(adapter, variables["params"], config.model_type)
+  lws = jl.adapters.lora_weights(adapted)
+  assert all(lw.m is not None for lw in lws.values()) and len(lws) == (6 if kind == "llama" else 4)
+  np.testing.assert_allclose(_logits(model, adapted, ids), ref, atol=2e-5, rtol=1e-5)
+  # gradients of A, B and the magnitude equal PEFT's (the norm is not differentiated in either)
+  trainable, frozen = jl.split(adapted)
+  loss = lambda t: jnp.sum(jl.linen.apply(model, jl.combine(t, frozen), jnp.asarray(ids))[0] * probe)
+  grads = jl.adapters.lora_weights(jax.grad(loss)(trainable))
+  tmods = dict(pm.named_modules())
+  for p, g in grads.items():
+    mod = tmods["base_model.model." + jax_lora.peft.path_to_module(p, config.model_type)]
+    np.testing.assert_allclose(np.asarray(g.a).T, mod.lora_A["default"].weight.grad.numpy(), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(g.b).T, mod.lora_B["default"].weight.grad.numpy(), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(g.m), mod.lora_magnitude_vector["default"].weight.grad.numpy(),
+                               atol=1e-4, rtol=1e-3)
+  # merged in the library == unmerged
+  np.testing.assert_allclose(_logits(model, jl.merge(adapted), ids), ref, atol=2e-5, rtol=1e-5)
+  # merged on the files == PEFT's merge_and_unload
+  merged = str(tmp_path / "merged")
+  merge_adapter_files(base, adapter, merged)
+  got = load_file(os.path.join(merged, "model.safetensors"))
+  want = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+  for k in got:
+    np.testing.assert_allclose(got[k], want[k], atol=2e-6, err_msg=k)
+  # saved back: PEFT loads it with equal logits, and the files hold the same tensors
+  back = str(tmp_path / "ours")
+  save_peft(back, adapted, config.model_type)
+  assert json.load(open(os.path.join(back, "adapter_config.json")))["use_dora"] is True
+  a, b = load_file(os.path.join(adapter, "adapter_model.safetensors")), load_file(os.path.join(back, "adapter_model.safetensors"))
+  assert a.keys() == b.keys()
+  again = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), back).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(again(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy(), ref,
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_dora_init_equals_base_and_trains():
+  """init_lora(use_dora=True): magnitude = column norms, the model equals the base; only A/B/m train."""
+  w = jax.random.normal(jax.random.key(0), (6, 5))
+  params = {"layer": {"kernel": w}}
+  cfg = jl.LoraConfig(rank=2, alpha=4.0, targets=("layer",), use_dora=True)
+  adapted = jl.init_lora(params, cfg, jax.random.key(1))
+  lw = adapted["layer"]["kernel"]
+  np.testing.assert_allclose(np.asarray(lw.m), np.linalg.norm(np.asarray(w), axis=0), rtol=1e-6)
+  x = jax.random.normal(jax.random.key(2), (3, 6))
+  np.testing.assert_allclose(np.asarray(jl.dot(x, lw)), np.asarray(x @ w), atol=1e-5)
+  # with B != 0 the layer is m/‖W+sAB‖·(x@(W+sAB)), the naive reference
+  b = jax.random.normal(jax.random.key(3), lw.b.shape)
+  m = lw.m * 1.5
+  import dataclasses
+  lw2 = dataclasses.replace(lw, b=b, m=m)
+  dense = w + lw2.scale * lw2.a @ b
+  want = x @ dense * (m / jnp.linalg.norm(dense, axis=0))
+  np.testing.assert_allclose(np.asarray(jl.dot(x, lw2)), np.asarray(want), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jl.merge({"k": lw2})["k"]), np.asarray(dense * (m / jnp.linalg.norm(dense, axis=0))),
+                             atol=1e-5)
+  rep = jl.param_report(adapted)
+  assert rep.trainable == 6 * 2 + 2 * 5 + 5
+  with pytest.raises(ValueError, match="DoRA"):
+    jl.unmerge(jl.merge(adapted), adapted)

@@ -81,6 +81,10 @@ def combine_adapters(adapters: Sequence[Mapping[str, LoraWeight]], weights: Sequ
     raise ValueError(f"combine_adapters: got {len(adapters)} adapters and {len(weights)} weights; give one weight each")
   if how not in ("cat", "linear"):
     raise ValueError(f"combine_adapters: how must be 'cat' or 'linear', got {how!r}")
+  dora = sorted(p for ad in adapters for p, lw in ad.items() if lw.m is not None)
+  if dora:
+    raise ValueError(f"combine_adapters: {dora[0]!r} is a DoRA adapter; weighted combinations are defined for plain "
+                     "LoRA only (as in PEFT)")
   if how == "linear":
     ranks = {lw.rank for ad in adapters for lw in ad.values()}
     if len(ranks) > 1:

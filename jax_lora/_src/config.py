@@ -80,6 +80,9 @@ class LoraConfig:
   layouts: tuple[tuple[str, str], ...] = ()
   # dtype of A and B (None: float32).
   dtype: str | None = None
+  # DoRA (weight-decomposed LoRA, PEFT's use_dora): a trainable magnitude per output,
+  # initialised to the kernel's column norms ‖W‖ over its input axes.
+  use_dora: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "rank_pattern", _freeze_mapping(self.rank_pattern))

@@ -78,7 +78,12 @@ def merged_tensors(base: dict[str, Any], adapter_folder: str, fan_in_fan_out: bo
     if fan_in_fan_out:
       delta = delta.T
     w = out[k]
-    out[k] = (w.astype(np.float32) + delta).astype(w.dtype)
+    merged = w.astype(np.float32) + delta
+    if e["M"] is not None:  # DoRA: every output row (column with fan_in_fan_out) gets norm M
+      ax = 0 if fan_in_fan_out else 1
+      norm = np.sqrt(np.sum(np.square(merged), axis=ax, keepdims=True))
+      merged = merged * (e["M"].astype(np.float32).reshape(norm.shape) / norm)
+    out[k] = merged.astype(w.dtype)
   return out
 
 

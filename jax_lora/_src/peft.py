@@ -48,6 +48,7 @@ __all__ = [
 
 PREFIX = "base_model.model."
 _KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+_MAG = ".lora_magnitude_vector"
 _FULL = re.compile(r"base_model\.model\.(.+?)(\.base_layer)?\.(weight|bias)")
 
 
@@ -87,7 +88,7 @@ def few(items, n: int = 3) -> str:
 # is loaded only if each field is honoured or holds the value that means plain LoRA; any other
 # value or an unknown field (a typo, a newer PEFT feature) is refused naming it.
 _HONOURED = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "bias",
-             "modules_to_save", "lora_dropout", "ensure_weight_tying")
+             "modules_to_save", "lora_dropout", "ensure_weight_tying", "use_dora")
 # Descriptions of how the adapter was made or where it came from; the tensors decide what loads.
 _INFORMATIONAL = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
                   "inference_mode", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
@@ -96,13 +97,13 @@ _INFORMATIONAL = ("peft_type", "task_type", "auto_mapping", "peft_version", "bas
 # pissa/olora/corda/loftq/lora_ga/mica also rewrite the base weights, which the file does not hold.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 _PLAIN_VALUES = {  # field: values that mean plain LoRA (anything else is a feature we do not implement)
-    "use_dora": (False, None), "lora_bias": (False, None), "use_qalora": (False, None),
+"lora_bias": (False, None), "use_qalora": (False, None),
     "target_parameters": (None, []), "trainable_token_indices": (None, [], {}), "layer_replication": (None, []),
     "alora_invocation_tokens": (None, []), "megatron_config": (None,), "corda_config": (None,),
     "lora_ga_config": (None,), "velora_config": (None,), "monteclora_config": (None,), "use_bdlora": (None, False),
     "arrow_config": (None,), "kasa_config": (None,),
 }
-_FEATURE = {"use_dora": "DoRA", "alora_invocation_tokens": "aLoRA (activated LoRA)", "trainable_token_indices":
+_FEATURE = {"alora_invocation_tokens": "aLoRA (activated LoRA)", "trainable_token_indices":
             "trainable tokens", "layer_replication": "layer replication", "target_parameters": "LoRA on nn.Parameter",
             "lora_bias": "LoRA bias", "use_qalora": "QALoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
             "monteclora_config": "MonteCLoRA", "velora_config": "VeLoRA", "use_bdlora": "BD-LoRA",
@@ -199,9 +200,14 @@ def read_peft(folder: str) -> PeftAdapter:
   if ints:
     raise ValueError(f"{st_path}: non-floating tensors {few(ints)}; adapter weights are float (a damaged header?)")
   unsupported = []
-  other = [k for k in tensors if not _KEY.fullmatch(k)]
-  if any("lora_magnitude_vector" in k for k in other):
-    unsupported.append("DoRA magnitude vectors")
+  lora_mods = {m.group(1) for k in tensors if (m := _KEY.fullmatch(k))}
+  mags = {k[len(PREFIX):-len(_MAG)] for k in tensors if k.startswith(PREFIX) and k.endswith(_MAG)}
+  if mags and not config.get("use_dora"):
+    raise ValueError(f"{st_path}: DoRA magnitude vectors but use_dora is not true in adapter_config.json")
+  if config.get("use_dora") and mags != lora_mods:
+    raise ValueError(f"{st_path}: use_dora needs a lora_magnitude_vector for every adapted module; "
+                     f"missing or extra: {few(mags ^ lora_mods)}")
+  other = [k for k in tensors if not _KEY.fullmatch(k) and not k.endswith(_MAG)]
   if any("lora_embedding_" in k for k in other):
     unsupported.append("LoRA on embeddings (lora_embedding_A/B)")
   if any("token_adapter" in k for k in other):
@@ -211,7 +217,6 @@ def read_peft(folder: str) -> PeftAdapter:
   if unsupported:
     raise ValueError(f"{folder}: unsupported PEFT features: {'; '.join(unsupported)}; only plain LoRA "
                      "(+ trained biases, modules_to_save) can be loaded")
-  lora_mods = {m.group(1) for k in tensors if (m := _KEY.fullmatch(k))}
   bias, saved = config.get("bias", "none"), config.get("modules_to_save") or []
   unexplained = []
   for k in other:
@@ -288,7 +293,8 @@ def _canonical(key: str, model_type: str) -> str:
 
 
 def adapter_modules(adapter: PeftAdapter) -> dict[str, dict[str, Any]]:
-  """``{module: {"A": (r, in), "B": (out, r), "rank", "alpha", "rslora"}}`` in PEFT's layout.
+  """``{module: {"A": (r, in), "B": (out, r), "rank", "alpha", "rslora", "M"}}`` in PEFT's layout
+  (``M``: DoRA's magnitude (out,), or None).
 
   Raises:
     ValueError: if a factor's rank disagrees with ``r``/``rank_pattern``.
@@ -308,8 +314,11 @@ def adapter_modules(adapter: PeftAdapter) -> dict[str, dict[str, Any]]:
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
       raise ValueError(f"adapter {mod!r}: lora_A {a.shape} / lora_B {b.shape} do not have rank {r} from "
                        "r/rank_pattern; the adapter_config.json does not describe these weights")
+    mag = adapter.tensors.get(f"{PREFIX}{mod}{_MAG}")
+    if mag is not None and mag.shape != (b.shape[0],):
+      raise ValueError(f"adapter {mod!r}: lora_magnitude_vector {mag.shape} does not fit lora_B {b.shape}")
     out[mod] = dict(A=a, B=b, rank=r, alpha=float(pattern_value(ap, mod, alpha0)),
-                    rslora=bool(cfg.get("use_rslora", False)))
+                    rslora=bool(cfg.get("use_rslora", False)), M=mag)
   return out
 
 
@@ -367,19 +376,21 @@ def load_peft(folder: str, params: Any, model_type: str = "llama", dtype=jnp.flo
       continue
     a = np.stack([e["A"].T for e in es])
     b = np.stack([e["B"].T for e in es])
-    new[p] = (a, b, es[0], "bio")
+    m = None if es[0]["M"] is None else np.stack([e["M"] for e in es])
+    new[p] = (a, b, m, es[0], "bio")
   if bad:
     raise ValueError(f"{folder}: adapter shapes do not fit the base: {'; '.join(bad[:3])}")
   for p, mod in paths.items():
     e = mods[mod]
-    new[p] = (e["A"].T, e["B"].T, e, "io")
+    new[p] = (e["A"].T, e["B"].T, e["M"], e, "io")
 
   def f(path, w):
     if path not in new:
       return w
-    a, b, e, lay = new[path]
+    a, b, m, e, lay = new[path]
     return LoraWeight(w=w, a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), alpha=e["alpha"], rank=e["rank"],
-                      layout=lay, path=path, rslora=e["rslora"], dropout=dropout)
+                      layout=lay, path=path, rslora=e["rslora"], dropout=dropout,
+                      m=None if m is None else jnp.asarray(m, dtype))
 
   return map_leaves(f, params)
 
@@ -445,16 +456,17 @@ def _to_ours(key: str, v: np.ndarray, model_type: str) -> np.ndarray:
   return np.asarray(family(model_type).to_flax(key, v)[1])
 
 
-def _unstacked(lws: dict[str, LoraWeight]) -> dict[str, tuple[np.ndarray, np.ndarray, LoraWeight]]:
-  """``{path: (a (in, r), b (r, out), lw)}`` with scan-stacked ('bio') layers split per layer."""
+def _unstacked(lws: dict[str, LoraWeight]) -> dict[str, tuple]:
+  """``{path: (a (in, r), b (r, out), lw, magnitude or None)}`` with scan-stacked ('bio') layers split per layer."""
   out = {}
   for p, lw in lws.items():
     a, b = np.asarray(lw.a, np.float32), np.asarray(lw.b, np.float32)
+    m = None if lw.m is None else np.asarray(lw.m, np.float32)
     if lw.layout == "io":
-      out[p] = (a, b, lw)
+      out[p] = (a, b, lw, m)
     elif lw.layout == "bio" and "/layers/" in p:
       for i in range(a.shape[0]):
-        out[p.replace("/layers/", f"/layers_{i}/", 1)] = (a[i], b[i], lw)
+        out[p.replace("/layers/", f"/layers_{i}/", 1)] = (a[i], b[i], lw, None if m is None else m[i])
     else:
       raise ValueError(f"cannot export {p!r} with layout {lw.layout!r} to PEFT; only 2-D (in, out) kernels "
                        "(or scan-stacked 'bio' layers) map to torch Linear/Conv1D")
@@ -499,6 +511,9 @@ def save_peft(folder: str, adapted: Any, model_type: str = "llama", base_model_n
   rs = {lw.rslora for lw in lws.values()}
   if len(rs) > 1:
     raise ValueError("save_peft: adapters mix rsLoRA and plain scaling; PEFT has one use_rslora per adapter")
+  doras = {lw.m is not None for lw in lws.values()}
+  if len(doras) > 1:
+    raise ValueError("save_peft: adapters mix DoRA and plain LoRA; PEFT has one use_dora per adapter")
   entries = {path_to_module(p, model_type): v for p, v in flat.items()}
   r0 = collections.Counter(v[2].rank for v in entries.values()).most_common(1)[0][0]
   a0 = collections.Counter(v[2].alpha for v in entries.values()).most_common(1)[0][0]
@@ -520,15 +535,17 @@ def save_peft(folder: str, adapted: Any, model_type: str = "llama", base_model_n
       "use_rslora": rs.pop(),
       "fan_in_fan_out": model_type == "gpt2",
       "bias": bias,
-      "use_dora": False,
+      "use_dora": doras.pop(),
       "modules_to_save": list(modules_to_save) or None,
       "init_lora_weights": True,
       "inference_mode": True,
   }
   tensors = {}
-  for m, (a, b, _) in entries.items():
+  for m, (a, b, _, mag) in entries.items():
     tensors[f"{PREFIX}{m}.lora_A.weight"] = np.ascontiguousarray(a.T)
     tensors[f"{PREFIX}{m}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    if mag is not None:
+      tensors[f"{PREFIX}{m}{_MAG}"] = np.ascontiguousarray(mag)
   tensors.update(_whole_tensors(adapted, model_type, bias, modules_to_save, set(entries)))
   with atomic_folder(folder) as tmp:
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
