@@ -246,7 +246,10 @@ _GOOD = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ze
     ("pissa", {"r": 2, "init_lora_weights": "pissa"}, _GOOD, "init_lora_weights='pissa'"),
     ("olora", {"r": 2, "init_lora_weights": "olora"}, _GOOD, "init_lora_weights='olora'"),
     ("alora", {"r": 2, "alora_invocation_tokens": [5, 6]}, _GOOD, "aLoRA"),
-    ("trainable_tokens", {"r": 2, "trainable_token_indices": [1, 2]}, _GOOD, "trainable tokens"),
+    ("trainable_tokens", {"r": 2, "trainable_token_indices": "1,2"}, _GOOD, "trainable_token_indices must be"),
+    ("token_rows_unexplained", {"r": 2}, {**_GOOD, "base_model.model.model.embed_tokens.token_adapter."
+                                           "trainable_tokens_delta": np.zeros((2, 32), np.float32)},
+     "no trainable_token_indices"),
     ("bias_value", {"r": 2, "bias": "some"}, _GOOD, "bias='some'"),
     ("rank_zero", {"r": 0}, _GOOD, "r=0"),
     ("int_header", {"r": 2}, {k: v.astype(np.int32) for k, v in _GOOD.items()}, "non-floating"),
@@ -323,9 +326,12 @@ def _train_everything(pm, seed=3):
     dict(bias="all", modules_to_save=["lm_head"]),
     dict(bias="lora_only", modules_to_save=["embed_tokens"]),
     dict(target_modules=["q_proj", "v_proj", "lm_head"]),
-], ids=["bias_all+lm_head", "lora_only+embed", "lora_on_lm_head"])
+    dict(target_modules=["q_proj", "embed_tokens"]),
+    dict(trainable_token_indices=[1, 2, 5]),
+], ids=["bias_all+lm_head", "lora_only+embed", "lora_on_lm_head", "lora_on_embedding", "trainable_tokens"])
 def test_whole_tensors_match_peft(tmp_path, kw):
-  """Trained biases, modules_to_save and LoRA on an untied lm_head: load, merge and save vs PEFT."""
+  """Trained biases, modules_to_save, LoRA on an untied lm_head or on the embedding, trainable tokens:
+  load (unmerged: no fallback merge), merge on files and save back, against PEFT."""
   from jax_lora.peft import merge_adapter_files
   from safetensors.numpy import load_file
   base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
@@ -341,7 +347,10 @@ def test_whole_tensors_match_peft(tmp_path, kw):
   model, variables, config = load_hf(base)
   plain = _logits(model, variables["params"], ids)
   adapted = load_peft(adapter, variables["params"], config.model_type)
-  ours = _logits(model, adapted, ids)
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a merged fallback warns: every adapter must run unmerged
+    ours = _logits(model, adapted, ids)
   assert np.abs(ours - plain).max() > 1e-2
   np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
   # jax-lora merge on the files == PEFT's merge_and_unload
@@ -354,7 +363,9 @@ def test_whole_tensors_match_peft(tmp_path, kw):
     np.testing.assert_allclose(got[k], want[k], atol=2e-6, err_msg=k)
   # saved back with the same bias/modules_to_save: PEFT loads it with equal logits
   out = str(tmp_path / "ours")
-  save_peft(out, adapted, config.model_type, bias=kw.get("bias", "none"), modules_to_save=kw.get("modules_to_save", ()))
+  tti = {"embed_tokens": kw["trainable_token_indices"]} if "trainable_token_indices" in kw else None
+  save_peft(out, adapted, config.model_type, bias=kw.get("bias", "none"), modules_to_save=kw.get("modules_to_save", ()),
+            trainable_token_indices=tti)
   again = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), out).eval()
   with torch.no_grad():
     back = again(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
@@ -454,3 +465,14 @@ def test_dora_init_equals_base_and_trains():
   assert rep.trainable == 6 * 2 + 2 * 5 + 5
   with pytest.raises(ValueError, match="DoRA"):
     jl.unmerge(jl.merge(adapted), adapted)
+
+
+def test_lora_on_tied_embedding_is_refused(tmp_path):
+  """PEFT applies embedding LoRA to the lookup only but merges it into the tied head too: refuse."""
+  base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+  tiny_model(base, "llama", tie_word_embeddings=True)
+  peft_adapter(base, adapter, "llama", target_modules=["q_proj", "embed_tokens"])
+  model, variables, config = load_hf(base)
+  adapted = load_peft(adapter, variables["params"], config.model_type)
+  with pytest.raises(ValueError, match="tied embeddings"):
+    _logits(model, adapted, _ids())

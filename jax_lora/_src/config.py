@@ -27,12 +27,12 @@ def target_pattern(target: str) -> str:
   "/"-joined paths.
 
   >>> target_pattern("q_proj")
-  '(.*/)?q_proj(/kernel)?'
+  '(.*/)?q_proj(/kernel|/embedding)?'
   """
   if target in ("all-linear", "all_linear"):
     return ALL_LINEAR
   if re.fullmatch(r"\w+", target):
-    return rf"(.*/)?{target}(/kernel)?"
+    return rf"(.*/)?{target}(/kernel|/embedding)?"
   return target
 
 
@@ -50,7 +50,7 @@ class LoraConfig:
   Example:
     >>> cfg = LoraConfig(rank=8, alpha=16, targets=("q_proj", "v_proj"))
     >>> cfg.target_patterns
-    ('(.*/)?q_proj(/kernel)?', '(.*/)?v_proj(/kernel)?')
+    ('(.*/)?q_proj(/kernel|/embedding)?', '(.*/)?v_proj(/kernel|/embedding)?')
   """
 
   # Rank r of the update B·A (A: in→r, B: r→out).

@@ -35,6 +35,7 @@ __all__ = [
     "einsum_layout",
     "parse_einsum",
     "dot",
+    "embed",
     "dropout_key",
     "record_consumed",
 ]
@@ -410,6 +411,30 @@ def dot(x: jax.Array, w: Any, *, rng: jax.Array | None = None, precision=None) -
   if rng is None:
     rng = getattr(_state, "rng", None)
   return dense(x, w, n_in=1, precision=precision, rng=rng)
+
+
+def embed(ids: jax.Array, table: Any, *, dtype=None) -> jax.Array:
+  """``table[ids]`` for a plain, quantized or LoRA embedding table ``(vocab, d)``.
+
+  A LoRA table (layout "io": ``a`` (vocab, r), ``b`` (r, d)) adds ``s·a[ids] @ b``,
+  PEFT's LoRA Embedding, without forming ``a @ b``; no dropout (as PEFT).
+
+  >>> import jax_lora as jl
+  >>> t = jl.init_lora({"embedding": jnp.eye(4)}, jl.LoraConfig(rank=1, targets=("embedding",)), jax.random.key(0))
+  >>> jl.embed(jnp.array([[1, 2]]), t["embedding"]).shape
+  (1, 2, 4)
+  """
+  lw = table if isinstance(table, LoraWeight) else None
+  base = lw.w if lw is not None else table
+  w = materialize(base, dtype)
+  y = jnp.take(w, ids, axis=0)
+  if lw is None:
+    return y
+  if lw.layout != "io" or lw.m is not None or len(lw.w.shape) != 2:
+    raise ValueError(f"{lw.path!r}: LoRA on an embedding needs a plain (vocab, d) table (layout 'io', no DoRA)")
+  _note(lw.path)
+  xa = jnp.take(lw.a.astype(y.dtype), ids, axis=0) * jnp.asarray(lw.scale, y.dtype)
+  return y + jnp.einsum("...r,rd->...d", xa, lw.b.astype(y.dtype))
 
 
 def parse_einsum(spec: str):

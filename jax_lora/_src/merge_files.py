@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from jax_lora._src.files import atomic_folder, read_safetensors
-from jax_lora._src.peft import adapter_modules, few, full_tensors, is_floating, read_peft, resolve_keys
+from jax_lora._src.peft import adapter_modules, few, full_tensors, is_floating, read_peft, resolve_keys, token_rows
 
 __all__ = ["merged_tensors", "merge_adapter_files", "copy_side_files", "save_tensors", "SIDE_FILES", "CONV1D_MODEL_TYPES"]
 
@@ -56,7 +56,8 @@ def merged_tensors(base: dict[str, Any], adapter_folder: str, fan_in_fan_out: bo
   for mod, e in mods.items():
     k = found[mod + ".weight"]
     w = base[k]
-    want = (e["A"].shape[1], e["B"].shape[0]) if fan_in_fan_out else (e["B"].shape[0], e["A"].shape[1])
+    t = fan_in_fan_out or e["embedding"]  # stored (in, out): Conv1D, or an embedding (vocab, d)
+    want = (e["A"].shape[1], e["B"].shape[0]) if t else (e["B"].shape[0], e["A"].shape[1])
     if w.ndim != 2 or tuple(w.shape) != want:
       bad.append(f"{k}: {tuple(w.shape)} but the adapter implies {want}")
     elif not is_floating(w):
@@ -67,7 +68,18 @@ def merged_tensors(base: dict[str, Any], adapter_folder: str, fan_in_fan_out: bo
       bad.append(f"{key}: {tuple(v.shape)} but the base's {k} is {tuple(base[k].shape)}")
   if bad:
     raise ValueError(f"{adapter_folder}: adapter does not fit the base: {'; '.join(bad[:3])}")
+  rows = token_rows(adapter)
+  found_rows, missing = resolve_keys(list(rows), base, model_type)
+  if missing:
+    raise ValueError(f"{adapter_folder}: trainable tokens for {few(missing)}, not in the base model")
   out = dict(base)
+  for key, (ids, r) in rows.items():
+    k = found_rows[key]
+    if base[k].ndim != 2 or base[k].shape[1] != r.shape[1] or ids.max(initial=0) >= base[k].shape[0]:
+      raise ValueError(f"{adapter_folder}: trainable tokens {key!r} do not fit {k} {tuple(base[k].shape)}")
+    table = np.array(base[k])
+    table[ids] = r.astype(table.dtype)
+    out[k] = table
   for key, v in full.items():
     k = found[key]
     out[k] = v.astype(base[k].dtype)
@@ -75,12 +87,13 @@ def merged_tensors(base: dict[str, Any], adapter_folder: str, fan_in_fan_out: bo
     k = found[mod + ".weight"]
     s = e["alpha"] / (math.sqrt(e["rank"]) if e["rslora"] else e["rank"])
     delta = (e["B"].astype(np.float32) @ e["A"].astype(np.float32)) * np.float32(s)
-    if fan_in_fan_out:
+    t = fan_in_fan_out or e["embedding"]
+    if t:
       delta = delta.T
     w = out[k]
     merged = w.astype(np.float32) + delta
     if e["M"] is not None:  # DoRA: every output row (column with fan_in_fan_out) gets norm M
-      ax = 0 if fan_in_fan_out else 1
+      ax = 0 if t else 1
       norm = np.sqrt(np.sum(np.square(merged), axis=ax, keepdims=True))
       merged = merged * (e["M"].astype(np.float32).reshape(norm.shape) / norm)
     out[k] = merged.astype(w.dtype)

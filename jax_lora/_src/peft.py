@@ -26,7 +26,7 @@ import numpy as np
 from jax_lora._src.adapt import lora_weights, trainable_bias_paths
 from jax_lora._src.lora import LoraWeight
 from jax_lora._src.files import atomic_folder
-from jax_lora._src.tree import leaves, map_leaves, materialize
+from jax_lora._src.tree import is_quantized, leaves, map_leaves, materialize
 
 __all__ = [
     "PeftAdapter",
@@ -42,13 +42,24 @@ __all__ = [
     "full_tensors",
     "resolve_keys",
     "split_key",
+    "token_rows",
     "is_floating",
     "KNOWN_CONFIG_FIELDS",
 ]
 
 PREFIX = "base_model.model."
-_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+_KEY = re.compile(r"base_model\.model\.(.+)\.lora_(?:embedding_)?([AB])(\.weight)?")
+
+
+def _lora_key(key: str):
+  """The match of a LoRA factor key: ``<module>.lora_A|B.weight`` (linear) or
+  ``<module>.lora_embedding_A|B`` (embedding), else None."""
+  m = _KEY.fullmatch(key)
+  if m is None or (m.group(3) is None) != (".lora_embedding_" in key):
+    return None
+  return m
 _MAG = ".lora_magnitude_vector"
+_TOK = ".token_adapter.trainable_tokens_delta"
 _FULL = re.compile(r"base_model\.model\.(.+?)(\.base_layer)?\.(weight|bias)")
 
 
@@ -88,7 +99,7 @@ def few(items, n: int = 3) -> str:
 # is loaded only if each field is honoured or holds the value that means plain LoRA; any other
 # value or an unknown field (a typo, a newer PEFT feature) is refused naming it.
 _HONOURED = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "bias",
-             "modules_to_save", "lora_dropout", "ensure_weight_tying", "use_dora")
+             "modules_to_save", "lora_dropout", "ensure_weight_tying", "use_dora", "trainable_token_indices")
 # Descriptions of how the adapter was made or where it came from; the tensors decide what loads.
 _INFORMATIONAL = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
                   "inference_mode", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
@@ -98,13 +109,12 @@ _INFORMATIONAL = ("peft_type", "task_type", "auto_mapping", "peft_version", "bas
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 _PLAIN_VALUES = {  # field: values that mean plain LoRA (anything else is a feature we do not implement)
 "lora_bias": (False, None), "use_qalora": (False, None),
-    "target_parameters": (None, []), "trainable_token_indices": (None, [], {}), "layer_replication": (None, []),
+    "target_parameters": (None, []), "layer_replication": (None, []),
     "alora_invocation_tokens": (None, []), "megatron_config": (None,), "corda_config": (None,),
     "lora_ga_config": (None,), "velora_config": (None,), "monteclora_config": (None,), "use_bdlora": (None, False),
     "arrow_config": (None,), "kasa_config": (None,),
 }
-_FEATURE = {"alora_invocation_tokens": "aLoRA (activated LoRA)", "trainable_token_indices":
-            "trainable tokens", "layer_replication": "layer replication", "target_parameters": "LoRA on nn.Parameter",
+_FEATURE = {"alora_invocation_tokens": "aLoRA (activated LoRA)", "layer_replication": "layer replication", "target_parameters": "LoRA on nn.Parameter",
             "lora_bias": "LoRA bias", "use_qalora": "QALoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
             "monteclora_config": "MonteCLoRA", "velora_config": "VeLoRA", "use_bdlora": "BD-LoRA",
             "megatron_config": "Megatron layers", "corda_config": "CorDA", "lora_ga_config": "LoRA-GA"}
@@ -146,6 +156,11 @@ def check_config(config: Mapping[str, Any], where: str = "adapter_config.json") 
   for k in ("rank_pattern", "alpha_pattern"):
     if not isinstance(config.get(k) or {}, dict):
       raise ValueError(f"{where}: {k} must be a mapping of module patterns to values, got {config.get(k)!r}")
+  tti = config.get("trainable_token_indices") or []
+  ok_list = lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)  # noqa: E731
+  if not (ok_list(tti) or (isinstance(tti, dict) and all(isinstance(k, str) and ok_list(v) for k, v in tti.items()))):
+    raise ValueError(f"{where}: trainable_token_indices must be a list of token ids or a mapping of module names "
+                     f"to lists, got {tti!r}")
   mts = config.get("modules_to_save") or []
   if not isinstance(mts, list) or not all(isinstance(m, str) for m in mts):
     raise ValueError(f"{where}: modules_to_save must be a list of module names, got {mts!r}")
@@ -200,18 +215,17 @@ def read_peft(folder: str) -> PeftAdapter:
   if ints:
     raise ValueError(f"{st_path}: non-floating tensors {few(ints)}; adapter weights are float (a damaged header?)")
   unsupported = []
-  lora_mods = {m.group(1) for k in tensors if (m := _KEY.fullmatch(k))}
+  lora_mods = {m.group(1) for k in tensors if (m := _lora_key(k))}
   mags = {k[len(PREFIX):-len(_MAG)] for k in tensors if k.startswith(PREFIX) and k.endswith(_MAG)}
   if mags and not config.get("use_dora"):
     raise ValueError(f"{st_path}: DoRA magnitude vectors but use_dora is not true in adapter_config.json")
   if config.get("use_dora") and mags != lora_mods:
     raise ValueError(f"{st_path}: use_dora needs a lora_magnitude_vector for every adapted module; "
                      f"missing or extra: {few(mags ^ lora_mods)}")
-  other = [k for k in tensors if not _KEY.fullmatch(k) and not k.endswith(_MAG)]
-  if any("lora_embedding_" in k for k in other):
-    unsupported.append("LoRA on embeddings (lora_embedding_A/B)")
-  if any("token_adapter" in k for k in other):
-    unsupported.append("trainable tokens (token_adapter)")
+  other = [k for k in tensors if not _lora_key(k) and not k.endswith(_MAG)]
+  if any(k.endswith(_TOK) for k in other) and not config.get("trainable_token_indices"):
+    raise ValueError(f"{st_path}: trainable token rows but no trainable_token_indices in adapter_config.json")
+  other = [k for k in other if not k.endswith(_TOK)]
   if any(".lora_B.bias" in k or ".lora_A.bias" in k for k in other):
     unsupported.append("LoRA biases")
   if unsupported:
@@ -233,8 +247,8 @@ def read_peft(folder: str) -> PeftAdapter:
   if unexplained:
     raise ValueError(f"{st_path}: tensors the adapter_config.json does not explain: {few(unexplained)} (bias="
                      f"{bias!r}, modules_to_save={saved!r}); keys must be 'base_model.model.<module>.lora_A|B.weight'")
-  mods_a = {m.group(1) for k in tensors if (m := _KEY.fullmatch(k)) and m.group(2) == "A"}
-  mods_b = {m.group(1) for k in tensors if (m := _KEY.fullmatch(k)) and m.group(2) == "B"}
+  mods_a = {m.group(1) for k in tensors if (m := _lora_key(k)) and m.group(2) == "A"}
+  mods_b = {m.group(1) for k in tensors if (m := _lora_key(k)) and m.group(2) == "B"}
   if mods_a != mods_b:
     raise ValueError(f"{st_path}: lora_A and lora_B do not pair up for modules {few(mods_a ^ mods_b)}")
   return PeftAdapter(config=config, tensors=tensors)
@@ -249,9 +263,33 @@ def full_tensors(adapter: PeftAdapter) -> dict[str, np.ndarray]:
   """Whole tensors the adapter replaces in the base, by base key (``model.norm.weight``…)."""
   out = {}
   for k, v in adapter.tensors.items():
-    parts = None if _KEY.fullmatch(k) else split_key(k)
+    parts = None if _lora_key(k) else split_key(k)
     if parts is not None:
       out[f"{parts[0]}.{parts[1]}"] = v
+  return out
+
+
+def token_rows(adapter: PeftAdapter) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """PEFT's trainable tokens: ``{embedding key: (token ids, their new rows)}``; the rows
+  replace the table's (``index_copy``), they are not added.
+
+  Raises:
+    ValueError: rows whose count does not match ``trainable_token_indices``.
+  """
+  tti = adapter.config.get("trainable_token_indices") or []
+  out = {}
+  for k, rows in adapter.tensors.items():
+    if not (k.startswith(PREFIX) and k.endswith(_TOK)):
+      continue
+    mod = k[len(PREFIX):-len(_TOK)]
+    if isinstance(tti, dict):
+      ids = [v for n, v in tti.items() if mod == n or mod.endswith("." + n)]
+      ids = ids[0] if len(ids) == 1 else None
+    else:
+      ids = tti
+    if ids is None or rows.ndim != 2 or rows.shape[0] != len(ids):
+      raise ValueError(f"{k}: {rows.shape[0] if rows.ndim else 0} rows do not match trainable_token_indices {tti!r}")
+    out[f"{mod}.weight"] = (np.asarray(ids, np.int64), rows)
   return out
 
 
@@ -293,8 +331,9 @@ def _canonical(key: str, model_type: str) -> str:
 
 
 def adapter_modules(adapter: PeftAdapter) -> dict[str, dict[str, Any]]:
-  """``{module: {"A": (r, in), "B": (out, r), "rank", "alpha", "rslora", "M"}}`` in PEFT's layout
-  (``M``: DoRA's magnitude (out,), or None).
+  """``{module: {"A": (r, in), "B": (out, r), "rank", "alpha", "rslora", "M", "embedding"}}`` in PEFT's
+  layout (``M``: DoRA's magnitude (out,), or None; ``embedding``: LoRA on an embedding table,
+  ``lora_embedding_A`` (r, vocab) / ``lora_embedding_B`` (d, r)).
 
   Raises:
     ValueError: if a factor's rank disagrees with ``r``/``rank_pattern``.
@@ -304,12 +343,13 @@ def adapter_modules(adapter: PeftAdapter) -> dict[str, dict[str, Any]]:
   rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
   out = {}
   for key in sorted(adapter.tensors):
-    m = _KEY.fullmatch(key)
+    m = _lora_key(key)
     if m is None or m.group(2) != "A":
       continue
     mod = m.group(1)
     a = adapter.tensors[key]
-    b = adapter.tensors[f"{PREFIX}{mod}.lora_B.weight"]
+    emb = m.group(3) is None
+    b = adapter.tensors[f"{PREFIX}{mod}.lora_embedding_B" if emb else f"{PREFIX}{mod}.lora_B.weight"]
     r = int(pattern_value(rp, mod, r0))
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
       raise ValueError(f"adapter {mod!r}: lora_A {a.shape} / lora_B {b.shape} do not have rank {r} from "
@@ -318,7 +358,7 @@ def adapter_modules(adapter: PeftAdapter) -> dict[str, dict[str, Any]]:
     if mag is not None and mag.shape != (b.shape[0],):
       raise ValueError(f"adapter {mod!r}: lora_magnitude_vector {mag.shape} does not fit lora_B {b.shape}")
     out[mod] = dict(A=a, B=b, rank=r, alpha=float(pattern_value(ap, mod, alpha0)),
-                    rslora=bool(cfg.get("use_rslora", False)), M=mag)
+                    rslora=bool(cfg.get("use_rslora", False)), M=mag, embedding=emb)
   return out
 
 
@@ -342,6 +382,7 @@ def load_peft(folder: str, params: Any, model_type: str = "llama", dtype=jnp.flo
   adapter = read_peft(folder)
   mods = adapter_modules(adapter)
   params = _with_full_tensors(folder, params, full_tensors(adapter), model_type)
+  params = _with_token_rows(folder, params, token_rows(adapter), model_type)
   flat = leaves(params)
   dropout = float(adapter.config.get("lora_dropout", 0.0) or 0.0)
   paths, stacked, missing = {}, collections.defaultdict(dict), []
@@ -450,6 +491,26 @@ def _with_full_tensors(folder: str, params: Any, tensors: Mapping[str, np.ndarra
   return map_leaves(f, params)
 
 
+def _with_token_rows(folder: str, params: Any, rows: Mapping[str, tuple], model_type: str) -> Any:
+  """``params`` with PEFT's trainable token rows written into their embedding tables."""
+  if not rows:
+    return params
+  flat = leaves(params)
+  new = {}
+  for key, (ids, r) in rows.items():
+    where = _locate(key, flat, model_type)
+    if where is None or where[1] is not None or len(flat[where[0]].shape) != 2:
+      raise ValueError(f"{folder}: trainable tokens for {key!r}, which is no embedding table of the base")
+    w = flat[where[0]]
+    if isinstance(w, LoraWeight) or is_quantized(w):
+      raise ValueError(f"{folder}: trainable tokens on {where[0]!r} need a plain float table")
+    if r.shape[1] != w.shape[1] or ids.max(initial=0) >= w.shape[0] or ids.min(initial=0) < 0:
+      raise ValueError(f"{folder}: trainable tokens {key!r} ({r.shape}, ids up to {ids.max()}) do not fit the "
+                       f"table {tuple(w.shape)}")
+    new[where[0]] = (ids, r)
+  return map_leaves(lambda p, w: w.at[new[p][0]].set(jnp.asarray(new[p][1], w.dtype)) if p in new else w, params)
+
+
 def _to_ours(key: str, v: np.ndarray, model_type: str) -> np.ndarray:
   """A whole HF tensor in our layout (kernels transposed as the model family loads them)."""
   from jax_lora.models.hf import family
@@ -486,7 +547,8 @@ def _target_modules(adapted_mods: set[str], all_mods: set[str]) -> list[str]:
 
 
 def save_peft(folder: str, adapted: Any, model_type: str = "llama", base_model_name_or_path: str | None = None, *,
-              bias: str = "none", modules_to_save: Sequence[str] = ()) -> None:
+              bias: str = "none", modules_to_save: Sequence[str] = (),
+              trainable_token_indices: Mapping[str, Sequence[int]] | None = None) -> None:
   """Writes our adapters as a PEFT folder that ``PeftModel.from_pretrained`` loads.
 
   ``r``/``lora_alpha`` are the most common rank/alpha; the others go to
@@ -501,6 +563,8 @@ def save_peft(folder: str, adapted: Any, model_type: str = "llama", base_model_n
     bias: "all" / "lora_only" also writes those (trained) biases, as PEFT's ``bias``.
     modules_to_save: PEFT module names (``"lm_head"``, ``"embed_tokens"``) whose whole
       (trained) weights are written, as PEFT's ``modules_to_save``.
+    trainable_token_indices: ``{module name: token ids}`` whose embedding rows are written
+      (PEFT's trainable tokens: the rows replace the base's on load).
   """
   from safetensors.numpy import save_file
 
@@ -537,16 +601,20 @@ def save_peft(folder: str, adapted: Any, model_type: str = "llama", base_model_n
       "bias": bias,
       "use_dora": doras.pop(),
       "modules_to_save": list(modules_to_save) or None,
+      "trainable_token_indices": {k: [int(i) for i in v] for k, v in trainable_token_indices.items()}
+                                 if trainable_token_indices else None,
       "init_lora_weights": True,
       "inference_mode": True,
   }
   tensors = {}
-  for m, (a, b, _, mag) in entries.items():
-    tensors[f"{PREFIX}{m}.lora_A.weight"] = np.ascontiguousarray(a.T)
-    tensors[f"{PREFIX}{m}.lora_B.weight"] = np.ascontiguousarray(b.T)
+  for m, (a, b, lw, mag) in entries.items():
+    emb = lw.path.endswith("/embedding")
+    tensors[f"{PREFIX}{m}.lora_embedding_A" if emb else f"{PREFIX}{m}.lora_A.weight"] = np.ascontiguousarray(a.T)
+    tensors[f"{PREFIX}{m}.lora_embedding_B" if emb else f"{PREFIX}{m}.lora_B.weight"] = np.ascontiguousarray(b.T)
     if mag is not None:
       tensors[f"{PREFIX}{m}{_MAG}"] = np.ascontiguousarray(mag)
   tensors.update(_whole_tensors(adapted, model_type, bias, modules_to_save, set(entries)))
+  tensors.update(_token_tensors(adapted, model_type, trainable_token_indices or {}))
   with atomic_folder(folder) as tmp:
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
       json.dump(config, f, indent=2)
@@ -579,6 +647,22 @@ def _whole_tensors(adapted: Any, model_type: str, bias: str, modules_to_save: Se
     out[PREFIX + key] = np.ascontiguousarray(family(model_type).to_hf(p, arr)[1])
   if unmatched:
     raise ValueError(f"save_peft: modules_to_save {few(unmatched)} name no module of the model")
+  return out
+
+
+def _token_tensors(adapted: Any, model_type: str, tti: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
+  from jax_lora.models.hf import family
+
+  flat = leaves(adapted)
+  out = {}
+  for name, ids in tti.items():
+    hits = [p for p in flat if len(getattr(flat[p], "shape", ())) == 2 and not isinstance(flat[p], LoraWeight)
+            and (m := family(model_type).path_to_hf_key(p)[:-len(".weight")]) and (m == name or m.endswith("." + name))]
+    if len(hits) != 1:
+      raise ValueError(f"save_peft: trainable_token_indices {name!r} names {len(hits)} embedding tables; name one")
+    mod = family(model_type).path_to_hf_key(hits[0])[:-len(".weight")]
+    rows = np.asarray(materialize(flat[hits[0]]), np.float32)[np.asarray(ids, np.int64)]
+    out[f"{PREFIX}{mod}{_TOK}"] = np.ascontiguousarray(rows)
   return out
 
 
