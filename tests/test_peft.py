@@ -441,32 +441,6 @@ def test_dora_matches_peft(tmp_path, kind):
                                atol=2e-5, rtol=1e-5)
 
 
-def test_dora_init_equals_base_and_trains():
-  """init_lora(use_dora=True): magnitude = column norms, the model equals the base; only A/B/m train."""
-  w = jax.random.normal(jax.random.key(0), (6, 5))
-  params = {"layer": {"kernel": w}}
-  cfg = jl.LoraConfig(rank=2, alpha=4.0, targets=("layer",), use_dora=True)
-  adapted = jl.init_lora(params, cfg, jax.random.key(1))
-  lw = adapted["layer"]["kernel"]
-  np.testing.assert_allclose(np.asarray(lw.m), np.linalg.norm(np.asarray(w), axis=0), rtol=1e-6)
-  x = jax.random.normal(jax.random.key(2), (3, 6))
-  np.testing.assert_allclose(np.asarray(jl.dot(x, lw)), np.asarray(x @ w), atol=1e-5)
-  # with B != 0 the layer is m/‖W+sAB‖·(x@(W+sAB)), the naive reference
-  b = jax.random.normal(jax.random.key(3), lw.b.shape)
-  m = lw.m * 1.5
-  import dataclasses
-  lw2 = dataclasses.replace(lw, b=b, m=m)
-  dense = w + lw2.scale * lw2.a @ b
-  want = x @ dense * (m / jnp.linalg.norm(dense, axis=0))
-  np.testing.assert_allclose(np.asarray(jl.dot(x, lw2)), np.asarray(want), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(jl.merge({"k": lw2})["k"]), np.asarray(dense * (m / jnp.linalg.norm(dense, axis=0))),
-                             atol=1e-5)
-  rep = jl.param_report(adapted)
-  assert rep.trainable == 6 * 2 + 2 * 5 + 5
-  with pytest.raises(ValueError, match="DoRA"):
-    jl.unmerge(jl.merge(adapted), adapted)
-
-
 def test_lora_on_tied_embedding_is_refused(tmp_path):
   """PEFT applies embedding LoRA to the lookup only but merges it into the tied head too: refuse."""
   base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
