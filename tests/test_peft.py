@@ -450,3 +450,19 @@ def test_lora_on_tied_embedding_is_refused(tmp_path):
   adapted = load_peft(adapter, variables["params"], config.model_type)
   with pytest.raises(ValueError, match="tied embeddings"):
     _logits(model, adapted, _ids())
+
+
+def test_merge_refuses_integer_base_weights(llama, tmp_path):
+  """A base whose safetensors header says I32 where the weights are F32 is refused, not merged as ints."""
+  from safetensors.numpy import load_file, save_file
+  from jax_lora.peft import merge_adapter_files
+  import shutil
+  base, adapter, _ = llama
+  bad = str(tmp_path / "bad")
+  shutil.copytree(base, bad)
+  st = os.path.join(bad, "model.safetensors")
+  t = load_file(st)
+  t["model.norm.weight"] = t["model.norm.weight"].view(np.int32)
+  save_file(t, st)
+  with pytest.raises(ValueError, match="non-floating weights 'model.norm.weight"):
+    merge_adapter_files(bad, adapter, str(tmp_path / "m"))

@@ -156,6 +156,11 @@ def merge_adapter_files(base: str, adapter: str, out: str, dtype: str | None = N
   with open(os.path.join(base, "config.json")) as f:
     model_type = json.load(f).get("model_type")
   tensors = read_safetensors(base)
+  if _known(model_type):  # our families' weights are all floating: an integer one is a damaged header
+    ints = [f"{k} ({v.dtype})" for k, v in tensors.items() if not is_floating(v)]
+    if ints:
+      raise ValueError(f"{base}: non-floating weights {few(ints)}; a {model_type} checkpoint holds floats "
+                       "(a damaged safetensors header?)")
   if dtype == "float32":  # widen before merging so bf16 bases merge in float32
     tensors = _cast(tensors, dtype)
   # GPT-2's Conv1D stores (in, out): PEFT merges transposed there whatever the adapter config says
