@@ -342,3 +342,29 @@ def test_lora_training_on_de_en_rows_lowers_validation_loss(tmp_path):
       curve.append(float(val_loss(trainable, val)))
   assert curve[0] > 5.0  # ~ln(259) at random init
   assert curve[-1] < curve[0] - 2.0 and curve[-1] <= curve[1] + 0.1, curve
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+
+def test_flan_t5_base_counts_equal_peft():
+  """examples/t5_param_counts.py (shapes only) against PEFT on a meta-device FLAN-T5-base."""
+  import importlib.util
+  import os
+
+  import peft
+
+  path = os.path.join(os.path.dirname(__file__), "..", "examples", "t5_param_counts.py")
+  spec = importlib.util.spec_from_file_location("t5_param_counts", path)
+  ex = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ex)
+  params = ex.abstract_params(ex.FLAN_T5_BASE)
+  assert sum(int(x.size) for x in jax.tree.leaves(params)) == 247_577_856  # google/flan-t5-base
+  hf_cfg = transformers.T5Config(**{k: v for k, v in ex.FLAN_T5_BASE.items() if k != "model_type"})
+  for targets, peft_targets, r in [(("q", "v"), ["q", "v"], 8),
+                                   (ex.TARGETS["all linear but the head (PEFT's all-linear)"], "all-linear", 4)]:
+    with torch.device("meta"):
+      pm = peft.get_peft_model(transformers.T5ForConditionalGeneration(hf_cfg),
+                               peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=peft_targets,
+                                               task_type="SEQ_2_SEQ_LM"))
+    assert ex.count(params, targets, r).trainable == pm.get_nb_trainable_parameters()[0]
