@@ -368,3 +368,32 @@ def test_flan_t5_base_counts_equal_peft():
                                peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=peft_targets,
                                                task_type="SEQ_2_SEQ_LM"))
     assert ex.count(params, targets, r).trainable == pm.get_nb_trainable_parameters()[0]
+
+
+def test_qlora_and_remat_run_like_the_plain_model(tiny):
+  """NF4 base + LoRA runs unmerged and equals the model on the dequantized base; remat="full"
+  gives the same loss and LoRA gradients."""
+  _, folder = tiny["v1_1"]
+  ids, mask, dids, dmask = _batch(7)
+  losses, grads = [], []
+  for remat in ("none", "full"):
+    model, params, _ = hf.load_hf(folder, remat=remat)
+    adapted = jl.init_lora(params["params"], jl.LoraConfig(rank=4, targets=("all-linear",)), jax.random.key(0))
+    qparams = jl.quantize(adapted, jl.QuantConfig(scheme="nf4", double_quant=True, targets=(r".*(q|v|wi_0)/kernel",)))
+    assert sum(isinstance(w.w, jl.quant.QuantizedArray) for w in jla.lora_weights(qparams).values()) == 2 * 8 + 5
+    trainable, frozen = jl.split(qparams)
+
+    def loss(tr):
+      logits, _ = jl.linen.apply(model, jl.combine(tr, frozen), ids, mask, dids, dmask)
+      nll, n = token_nll(logits, jnp.asarray(dids), jnp.asarray(dmask))
+      return nll / n
+
+    value, g = jax.jit(jax.value_and_grad(loss))(trainable)
+    losses.append(float(value))
+    grads.append(g)
+  deq = jl.dequantize(qparams)
+  ref, _ = _jit(model)({"params": jl.merge(deq)}, ids, mask, dids, dmask)
+  nll, n = token_nll(ref, jnp.asarray(dids), jnp.asarray(dmask))
+  np.testing.assert_allclose(losses, float(nll / n), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
