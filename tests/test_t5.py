@@ -176,6 +176,10 @@ def test_greedy_generation_equals_transformers(tiny, kind):
   # (use_cache=False: transformers 5.23's generate sizes its cache by num_layers, not num_decoder_layers)
   ref = np.pad(ref, ((0, 0), (0, 8 - ref.shape[1])), constant_values=0)
   np.testing.assert_array_equal(ours, ref)
+  if kind == "v1_1":  # LoRA params (B = 0) through jax_lora.linen.apply: the base's tokens
+    adapted = jl.init_lora(params["params"], jl.LoraConfig(rank=2, targets=("q", "v")), jax.random.key(0))
+    lora = generate_seq2seq(model, adapted, ids, mask, max_new_tokens=8, apply_fn=functools.partial(jl.linen.apply, model))
+    np.testing.assert_array_equal(lora, ref)
 
 
 def test_cached_decode_equals_full_decoder(tiny):
@@ -340,8 +344,9 @@ def test_lora_training_on_de_en_rows_lowers_validation_loss(tmp_path):
     trainable, opt, _ = step(trainable, opt, {k: v[at:at + 8] for k, v in train.items()})
     if i % 100 == 99:
       curve.append(float(val_loss(trainable, val)))
-  assert curve[0] > 5.0  # ~ln(259) at random init
-  assert curve[-1] < curve[0] - 2.0 and curve[-1] <= curve[1] + 0.1, curve
+  # T5's init (N(0, 1) embeddings and head) starts far above a uniform guess (ln 259 = 5.56); the
+  # adapters bring it well below that and keep lowering it (measured: 35.47, 2.93, 2.74)
+  assert curve[-1] < np.log(259) - 2.5 and curve[-1] < curve[1] < curve[0], curve
 
 
 # ----------------------------------------------------------------------------- parameter counts
