@@ -158,6 +158,14 @@ def test_config_json_checks(tiny, tmp_path):
     hf.config_from_hf(raw, attention="blockwise")
   with pytest.raises(ValueError, match="unknown T5 parameter key"):
     hf.hf_key_to_path("encoder.block.0.layer.0.SelfAttention.qkv.weight", "t5")
+  from safetensors.numpy import load_file
+
+  state = load_file(f"{tiny['v1_1'][1]}/model.safetensors")  # transformers 5 wrote tie_word_embeddings=true
+  with open(f"{tiny['v1_1'][1]}/config.json") as f:
+    tied = hf.config_from_hf(json.load(f))
+  assert tied.tie_word_embeddings and not t5.config_for_state(tied, state).tie_word_embeddings
+  with pytest.raises(ValueError, match="lm_head.weight does not fit tie_word_embeddings"):
+    hf.params_from_hf_state(state, tied)
   raw = {k: v for k, v in raw.items() if k != "scale_decoder_outputs"}  # a config.json from before transformers 5
   assert hf.config_from_hf(raw).scale_decoder_outputs
   cfg = hf.config_from_hf({**raw, "tie_word_embeddings": False})

@@ -99,6 +99,9 @@ def params_from_hf_state(state: Mapping[str, Any], config, dtype=jnp.float32) ->
     ValueError: when keys are missing or unknown (the message lists a few).
   """
   fam = family(config)
+  if isinstance(config, t5.T5Config) and t5.config_for_state(config, state) != config:
+    raise ValueError("the checkpoint's lm_head.weight does not fit tie_word_embeddings in the T5 config; use "
+                     "jax_lora.models.t5.config_for_state(config, state) first (load_hf does)")
   flat = {}
   for key, arr in state.items():
     if ignored_key(key, config):
