@@ -588,7 +588,7 @@ def save_peft(folder: str, adapted: Any, model_type: str = "llama", base_model_n
   dropouts = {v[2].dropout for v in entries.values()}
   config = {
       "peft_type": "LORA",
-      "task_type": "CAUSAL_LM",
+      "task_type": "SEQ_2_SEQ_LM" if model_type == "t5" else "CAUSAL_LM",
       "base_model_name_or_path": base_model_name_or_path,
       "r": int(r0),
       "lora_alpha": float(a0),

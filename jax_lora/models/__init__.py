@@ -1,4 +1,4 @@
-"""Flax Linen causal LMs with Hugging Face parameter names, their loaders and generation."""
+"""Flax Linen causal LMs and T5 with Hugging Face parameter names, their loaders and generation."""
 
 from jax_lora.models.generate import generate
 from jax_lora.models.gguf import load_gguf
@@ -15,16 +15,22 @@ from jax_lora.models.hf import path_to_hf_key
 from jax_lora.models.hf import save_hf
 from jax_lora.models.llama import LlamaConfig
 from jax_lora.models.llama import LlamaForCausalLM
+from jax_lora.models.seq2seq import generate_seq2seq
 from jax_lora.models.shipped import smollm2_gguf_path
 from jax_lora.models.shipped import smollm2_hf_folder
+from jax_lora.models.t5 import T5Config
+from jax_lora.models.t5 import T5ForConditionalGeneration
 
 __all__ = [
     "GPT2Config",
     "GPT2LMHeadModel",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "T5Config",
+    "T5ForConditionalGeneration",
     "config_from_hf",
     "generate",
+    "generate_seq2seq",
     "hf_key_to_path",
     "hf_state_from_params",
     "init_cache",

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jax_lora.files import read_safetensors
-from jax_lora.models import gpt2, llama
+from jax_lora.models import gpt2, llama, t5
 
 __all__ = [
     "FAMILIES",
@@ -38,12 +38,13 @@ __all__ = [
 ]
 
 # model_type → module holding the model class, config class and the key mapping.
-FAMILIES: dict[str, types.ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2}
-_CLASSES = {llama: (llama.LlamaConfig, llama.LlamaForCausalLM), gpt2: (gpt2.GPT2Config, gpt2.GPT2LMHeadModel)}
+FAMILIES: dict[str, types.ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2, "t5": t5}
+_CLASSES = {llama: (llama.LlamaConfig, llama.LlamaForCausalLM), gpt2: (gpt2.GPT2Config, gpt2.GPT2LMHeadModel),
+            t5: (t5.T5Config, t5.T5ForConditionalGeneration)}
 
 
 def family(model_type_or_config: str | Any) -> types.ModuleType:
-  """The model module (``llama`` or ``gpt2``) for a model_type string or one of our configs."""
+  """The model module (``llama``, ``gpt2`` or ``t5``) for a model_type string or one of our configs."""
   mt = model_type_or_config if isinstance(model_type_or_config, str) else model_type_or_config.model_type
   if mt not in FAMILIES:
     raise ValueError(f"model_type {mt!r} is not supported; supported: {sorted(FAMILIES)}")
@@ -78,6 +79,8 @@ def path_to_hf_key(path: str, model_type: str = "llama") -> str:
 def ignored_key(key: str, config) -> bool:
   if isinstance(config, gpt2.GPT2Config):
     return gpt2.ignored_hf_keys(key)
+  if isinstance(config, t5.T5Config):
+    return t5.ignored_hf_keys(key, config)
   return key.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and key == "lm_head.weight")
 
 
@@ -96,6 +99,9 @@ def params_from_hf_state(state: Mapping[str, Any], config, dtype=jnp.float32) ->
     ValueError: when keys are missing or unknown (the message lists a few).
   """
   fam = family(config)
+  if isinstance(config, t5.T5Config) and t5.config_for_state(config, state) != config:
+    raise ValueError("the checkpoint's lm_head.weight does not fit tie_word_embeddings in the T5 config; use "
+                     "jax_lora.models.t5.config_for_state(config, state) first (load_hf does)")
   flat = {}
   for key, arr in state.items():
     if ignored_key(key, config):
@@ -137,7 +143,7 @@ def _unscanned(config):
 
 
 def load_hf(folder: str, dtype=jnp.float32, param_dtype=None, **overrides):
-  """Loads a local Hugging Face causal-LM folder.
+  """Loads a local Hugging Face causal-LM (or T5 encoder–decoder) folder.
 
   Args:
     folder: directory with ``config.json`` and safetensors weights.
@@ -155,7 +161,10 @@ def load_hf(folder: str, dtype=jnp.float32, param_dtype=None, **overrides):
   with open(path) as f:
     config = config_from_hf(json.load(f), **overrides)
   param_dtype = dtype if param_dtype is None else param_dtype
-  params = params_from_hf_state(read_safetensors(folder, framework="flax"), config, param_dtype)
+  state = read_safetensors(folder, framework="flax")
+  if isinstance(config, t5.T5Config):  # transformers 5 decides T5's head tying from the weights
+    config = t5.config_for_state(config, state)
+  params = params_from_hf_state(state, config, param_dtype)
   return model_from_config(config, dtype, param_dtype), params, config
 
 
