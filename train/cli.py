@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "build_parser", "read_texts", "evaluate", "inspect_model", "quantize_model"]
+__all__ = ["main", "build_parser", "read_texts", "model_folder", "evaluate", "inspect_model", "quantize_model"]
 
 
 # Top-level modules of the [hf] extra: the CLI names the extra when one is missing.
@@ -70,8 +70,21 @@ def _bucket(n: int, cap: int) -> int:
   return min(cap, max(16, -(-n // 16) * 16))
 
 
+def model_folder(name: str) -> str:
+  """The HF folder for ``--model`` / ``--base``: an HF folder, a ``.gguf`` file or a shipped name, resolved
+  by :func:`jax_lora.models.resolve_model` as a train config's ``model:`` is."""
+  from jax_lora.models import resolve_model
+
+  try:
+    return resolve_model(name)
+  except ValueError as e:
+    raise CliError(str(e)) from None
+
+
 def evaluate(model_dir: str, data: str, adapter: str | None = None, batch_size: int = 8) -> dict[str, Any]:
   """Mean next-token cross-entropy of each text (tokenized as ``tokenizer(text)``), no packing.
+
+  ``model_dir``: an HF folder, a ``.gguf`` file or a shipped name (see :func:`model_folder`).
 
   Returns:
     ``{"loss", "tokens", "perplexity", "texts"}``: loss is the sum of token
@@ -88,6 +101,7 @@ def evaluate(model_dir: str, data: str, adapter: str | None = None, batch_size: 
   if batch_size < 1:
     raise CliError(f"--batch-size must be >= 1, got {batch_size}")
   texts = read_texts(data)
+  model_dir = model_folder(model_dir)
   tok = _tokenizer(model_dir)
   model, variables, config = load_hf(model_dir)
   params = variables["params"]
@@ -183,7 +197,7 @@ def inspect_model(model_dir: str, config_yaml: str | None = None):
   import jax_lora as jl
 
   cfg = _read_yaml_lora(config_yaml)
-  _, shapes = _shapes(model_dir)
+  _, shapes = _shapes(model_folder(model_dir))
   params = traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(s, "float32") for p, s in shapes.items()}, sep="/")
   # shapes only: init_lora traced abstractly (no weights are read or made)
   tree = jax.eval_shape(lambda p: jl.init_lora(p, cfg, jax.random.key(0)), params)
@@ -198,6 +212,7 @@ def quantize_model(model_dir: str, out: str, double_quant: bool = False) -> dict
   from jax_lora import bnb
   from jax_lora.files import CONV1D_MODEL_TYPES, atomic_folder, copy_side_files, read_safetensors, save_tensors
 
+  model_dir = model_folder(model_dir)
   cfg_path = os.path.join(model_dir, "config.json")
   if not os.path.isfile(cfg_path):
     raise CliError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
@@ -244,21 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="jax-lora", description="LoRA/QLoRA for JAX: merge, evaluate, quantize and inspect models.")
   sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
   m = sub.add_parser("merge", help="fold a PEFT adapter into an HF model folder (safetensors only)")
-  m.add_argument("--base", required=True, help="Hugging Face model folder")
+  m.add_argument("--base", required=True, help="Hugging Face model folder, .gguf file or shipped name (smollm2-135m, gemma3-270m)")
   m.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder")
   m.add_argument("--out", required=True, help="output model folder (written atomically)")
   m.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="cast floating tensors")
   e = sub.add_parser("eval", help="mean next-token loss / perplexity of a text file")
-  e.add_argument("--model", required=True, help="Hugging Face model folder (with tokenizer)")
+  e.add_argument("--model", required=True, help="Hugging Face model folder, .gguf file or shipped name (smollm2-135m, gemma3-270m)")
   e.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder")
   e.add_argument("--data", required=True, help=".txt (one text per line) or .jsonl with a 'text' field")
   e.add_argument("--batch-size", type=int, default=8, help="texts per batch (padded)")
   q = sub.add_parser("quantize", help="write linear weights in bitsandbytes NF4 safetensors layout")
-  q.add_argument("--model", required=True, help="Hugging Face model folder")
+  q.add_argument("--model", required=True, help="Hugging Face model folder, .gguf file or shipped name (smollm2-135m, gemma3-270m)")
   q.add_argument("--out", required=True, help="output folder (written atomically)")
   q.add_argument("--double-quant", action="store_true", help="also quantize the absmax statistics")
   i = sub.add_parser("inspect", help="table of LoRA-targeted modules and parameter counts")
-  i.add_argument("--model", required=True, help="Hugging Face model folder")
+  i.add_argument("--model", required=True, help="Hugging Face model folder, .gguf file or shipped name (smollm2-135m, gemma3-270m)")
   i.add_argument("--config", default=None, help="YAML with a 'lora' section (default: all linear, r=8)")
   sub.add_parser("train", help="fine-tune (see 'jax-lora train --help')", add_help=False)
   sub.add_parser("compare", help="several training runs, one table (see 'jax-lora compare --help')", add_help=False)
@@ -278,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "merge":
       from jax_lora.peft import merge_adapter_files
-      merge_adapter_files(args.base, args.adapter, args.out, args.dtype)
+      merge_adapter_files(model_folder(args.base), args.adapter, args.out, args.dtype)
       print(json.dumps({"merged": args.out}))
     elif args.command == "eval":
       print(json.dumps(evaluate(args.model, args.data, args.adapter, args.batch_size)))

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 # Names of models that ship inside installed packages (resolved by resolve_model).
-SHIPPED_MODELS = ("smollm2-135m",)
+SHIPPED_MODELS = ("smollm2-135m", "gemma3-270m")
 _METHODS = ("lora", "qlora", "full")
 _DTYPES = ("float32", "bfloat16")
 _SCHEDULES = ("cosine", "linear", "constant")
@@ -524,11 +524,8 @@ def resolve_data(cfg: TrainConfig) -> dict[str, str | None]:
 
 
 def resolve_model(name: str) -> str:
-  """Local path for ``model``: a shipped name becomes its materialized HF folder."""
-  if name == "smollm2-135m":
-    from jax_lora.models.shipped import smollm2_hf_folder
+  """The HF folder for ``model``: a shipped name or a ``.gguf`` file becomes its cached converted
+  folder (:func:`jax_lora.models.resolve_model`, the one resolver every command uses)."""
+  from jax_lora.models import resolve_model as resolve
 
-    return smollm2_hf_folder()
-  if not os.path.exists(name):
-    raise ValueError(f"model {name!r} is neither a shipped model ({', '.join(SHIPPED_MODELS)}) nor an existing path")
-  return name
+  return resolve(name)

@@ -220,21 +220,13 @@ def offload_state(kind: str, opt_state, frozen):
 def load_model(name: str, dtype: str, **overrides):
   """``(model, params, model_config, tokenizer, folder)`` of an HF folder, .gguf file or shipped name.
 
-  ``overrides``: model config fields to set (e.g. ``remat="full"``).
+  ``overrides``: model config fields to set (e.g. ``remat="full"``). Loading goes through
+  :func:`jax_lora.models.load_pretrained`, as every ``jax-lora`` command does.
   """
-  from jax_lora.models.gguf import load_gguf, tokenizer_from_gguf
-  from jax_lora.models.hf import load_hf
+  from jax_lora.models import load_pretrained
 
   path = resolve_model(name)
-  jdtype = jnp.dtype(dtype)
-  if path.endswith(".gguf"):
-    model, params, config = load_gguf(path, dtype=jdtype, **overrides)
-    tok = tokenizer_from_gguf(path, cache_dir=os.path.splitext(path)[0] + "-tokenizer")
-  else:
-    from transformers import AutoTokenizer
-
-    model, params, config = load_hf(path, dtype=jdtype, **overrides)
-    tok = AutoTokenizer.from_pretrained(path)
+  model, params, config, tok = load_pretrained(path, dtype=jnp.dtype(dtype), **overrides)
   if isinstance(params, dict) and set(params) == {"params"}:
     params = params["params"]
   return model, params, config, tok, path

@@ -13,6 +13,12 @@ attend causally to keys of their own segment. ``implementation`` picks how:
 - ``"auto"``: the rule in :func:`dot_product_attention`.
 
 :func:`attend` is the plain masked attention the KV-cache (generation) path uses.
+
+Every implementation honours a sliding ``window`` (a query sees keys fewer than
+``window`` positions back, as transformers' sliding-window masks), a ``scale`` other
+than 1/sqrt(d) and tanh ``softcap`` of the scores, or refuses in one line: ``"xla"``
+takes no soft-capping, and ``"cudnn"`` computes windowed or soft-capped attention
+with the CPU rule.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ _NEG = -1e30  # finite "minus infinity": fully masked rows give uniform weights,
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN flash attention takes
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, scale: float | None = None,
+           softcap: float | None = None) -> jax.Array:
   """Scaled dot-product attention with grouped KV heads.
 
   Args:
@@ -45,6 +52,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.
     k: (b, t, kv, d) keys; h must be a multiple of kv.
     v: (b, t, kv, d) values.
     allowed: (b, s, t) boolean: query i may attend key j.
+    scale: score scale (default 1/sqrt(d)).
+    softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before masking.
 
   Returns:
     (b, s, h, d) in q's dtype; scores and softmax in float32. A row with no allowed
@@ -53,7 +62,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.
   b, s, h, d = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, s, kv, h // kv, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
+  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * _scale(scale, d)
+  if softcap is not None:
+    scores = jnp.tanh(scores / softcap) * softcap
   scores = jnp.where(allowed[:, None, None], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
@@ -69,9 +80,12 @@ def dot_product_attention(
     implementation: str = "auto",
     block_q: int = 512,
     block_k: int = 512,
+    window: int | jax.Array | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
   """Causal attention within segments: query i attends key j iff j <= i and both hold
-  the same segment id > 0.
+  the same segment id > 0 (and i - j < ``window`` when a window is given).
 
   Scores and softmax are float32, scaled by 1/sqrt(d); grouped KV heads are never
   repeated (queries are reshaped to (kv, h // kv) groups). Padding queries
@@ -97,6 +111,9 @@ def dot_product_attention(
     implementation: one of :data:`IMPLEMENTATIONS`.
     block_q: query rows per tile (``"blockwise"``); s need not be a multiple.
     block_k: key columns per tile (``"blockwise"``).
+    window: sliding window (an int, or a traced int32 scalar); None for full attention.
+    scale: score scale (default 1/sqrt(d)).
+    softcap: tanh soft-capping of the scores (Gemma 2); ``"xla"`` refuses it.
 
   Returns:
     (b, s, h, d) in q's dtype.
@@ -116,15 +133,18 @@ def dot_product_attention(
   segment_ids = segment_ids.astype(jnp.int32)
   k, v = k.astype(q.dtype), v.astype(q.dtype)
   impl = _choose(q, s) if implementation == "auto" else implementation
+  kw = dict(scale=scale, softcap=softcap)
   if impl == "naive":
-    out = attend(q, k, v, _allowed(segment_ids, segment_ids, 0, 0))
+    out = attend(q, k, v, _allowed(segment_ids, segment_ids, 0, 0, window), **kw)
   elif impl == "blockwise":
-    out = _blockwise(q, k, v, segment_ids, block_q, block_k)
+    out = _blockwise(q, k, v, segment_ids, block_q, block_k, window, **kw)
   elif impl == "xla":
-    mask = _allowed(segment_ids, segment_ids, 0, 0)[:, None]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    if softcap is not None:
+      raise ValueError("XLA attention has no logit soft-capping; use implementation='naive' or 'blockwise'")
+    mask = _allowed(segment_ids, segment_ids, 0, 0, window)[:, None]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=_scale(scale, d), implementation="xla")
   else:
-    out = _cudnn(q, k, v, segment_ids, block_q, block_k)
+    out = _cudnn(q, k, v, segment_ids, block_q, block_k, window, **kw)
   return jnp.where((segment_ids > 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
@@ -142,12 +162,20 @@ def _choose(q: jax.Array, s: int) -> str:
   return "naive" if s <= NAIVE_MAX_LEN else "blockwise"
 
 
-def _allowed(seg_q: jax.Array, seg_k: jax.Array, q0, k0) -> jax.Array:
-  """(b, nq, nk) causal-and-segment mask for queries at positions q0.. and keys at k0.."""
+def _scale(scale: float | None, d: int) -> float:
+  return 1.0 / math.sqrt(d) if scale is None else scale
+
+
+def _allowed(seg_q: jax.Array, seg_k: jax.Array, q0, k0, window=None) -> jax.Array:
+  """(b, nq, nk) causal-and-segment mask for queries at positions q0.. and keys at k0..
+  (within ``window`` positions when given)."""
   qpos = q0 + jnp.arange(seg_q.shape[1])
   kpos = k0 + jnp.arange(seg_k.shape[1])
   same = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] > 0)
-  return same & (kpos[None, None, :] <= qpos[None, :, None])
+  causal = kpos[None, None, :] <= qpos[None, :, None]
+  if window is not None:
+    causal &= (qpos[None, :, None] - kpos[None, None, :]) < window
+  return same & causal
 
 
 # ----------------------------------------------------------------------------- cuDNN
@@ -161,7 +189,14 @@ def _one_right_padded_example(seg: jax.Array) -> jax.Array:
   return ones_then_zeros & (n > 0)
 
 
-def _cudnn(q, k, v, seg, block_q, block_k):
+def _cudnn(q, k, v, seg, block_q, block_k, window=None, scale=None, softcap=None):
+  def other(q, k, v, seg):  # packed or left-padded rows, windows, soft-capping: the CPU rule
+    if q.shape[1] <= NAIVE_MAX_LEN:
+      return attend(q, k, v, _allowed(seg, seg, 0, 0, window), scale=scale, softcap=softcap)
+    return _blockwise(q, k, v, seg, block_q, block_k, window, scale=scale, softcap=softcap)
+
+  if window is not None or softcap is not None:
+    return other(q, k, v, seg)
   if q.dtype not in _CUDNN_DTYPES:
     raise ValueError(f"cuDNN attention takes bfloat16/float16, not {q.dtype}; use implementation='blockwise'")
   if not isinstance(seg, jax.core.Tracer) and not bool(jnp.all(_one_right_padded_example(seg))):
@@ -171,12 +206,7 @@ def _cudnn(q, k, v, seg, block_q, block_k):
   def fast(q, k, v, seg):
     n = jnp.sum(seg > 0, axis=1).astype(jnp.int32)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n,
-                                        implementation="cudnn")
-
-  def other(q, k, v, seg):  # packed or left-padded rows: the CPU rule
-    if q.shape[1] <= NAIVE_MAX_LEN:
-      return attend(q, k, v, _allowed(seg, seg, 0, 0))
-    return _blockwise(q, k, v, seg, block_q, block_k)
+                                        scale=_scale(scale, q.shape[-1]), implementation="cudnn")
 
   return jax.lax.cond(jnp.all(_one_right_padded_example(seg)), fast, other, q, k, v, seg)
 
@@ -184,7 +214,7 @@ def _cudnn(q, k, v, seg, block_q, block_k):
 # ----------------------------------------------------------------------------- blockwise
 
 
-def _blockwise(q, k, v, seg, block_q, block_k):
+def _blockwise(q, k, v, seg, block_q, block_k, window=None, scale=None, softcap=None):
   """Pads s to whole blocks (segment 0), runs the custom-VJP kernel on grouped queries."""
   b, s, h, d = q.shape
   kv = k.shape[2]
@@ -195,15 +225,20 @@ def _blockwise(q, k, v, seg, block_q, block_k):
   vp = jnp.pad(v, [(0, 0), (0, sk - s), (0, 0), (0, 0)])
   seg_q = jnp.pad(seg, [(0, 0), (0, sq - s)])
   seg_k = jnp.pad(seg, [(0, 0), (0, sk - s)])
-  out = _flash(qg, kp, vp, seg_q, seg_k, bq, bk)
+  win = jnp.asarray(_NO_WINDOW if window is None else window, jnp.int32)
+  out = _flash(qg, kp, vp, seg_q, seg_k, win, bq, bk, _scale(scale, d), softcap)
   return out[:, :s].reshape(b, s, h, d)
 
 
-def _tile_scores(qi, kj, seg_qi, seg_kj, q0, k0):
+_NO_WINDOW = 1 << 30  # the blockwise kernel's window when there is none
+
+
+def _tile_scores(qi, kj, seg_qi, seg_kj, q0, k0, window, scale, softcap):
   """Masked float32 scores (b, kv, g, bq, bk) of one tile and its (b, 1, 1, bq, bk) mask."""
-  scale = 1.0 / math.sqrt(qi.shape[-1])
   scores = jnp.einsum("bqkgd,btkd->bkgqt", qi, kj, preferred_element_type=jnp.float32) * scale
-  allowed = _allowed(seg_qi, seg_kj, q0, k0)[:, None, None]
+  if softcap is not None:
+    scores = jnp.tanh(scores / softcap) * softcap
+  allowed = _allowed(seg_qi, seg_kj, q0, k0, window)[:, None, None]
   return jnp.where(allowed, scores, _NEG), allowed
 
 
@@ -222,12 +257,12 @@ def _key_tile(k, v, seg_k, j, bk):
   return tuple(jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis=1) for x in (k, v, seg_k))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q, k, v, seg_q, seg_k, bq, bk):
-  return _flash_forward(q, k, v, seg_q, seg_k, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _flash(q, k, v, seg_q, seg_k, window, bq, bk, scale, softcap):
+  return _flash_forward(q, k, v, seg_q, seg_k, window, bq, bk, scale, softcap)[0]
 
 
-def _flash_forward(q, k, v, seg_q, seg_k, bq, bk):
+def _flash_forward(q, k, v, seg_q, seg_k, window, bq, bk, scale, softcap):
   """Online-softmax forward. q (b, sq, kv, g, d); k, v (b, sk, kv, d). Returns out, lse (b, kv, g, sq)."""
   b, sq, kv, g, d = q.shape
   nq, nk = sq // bq, k.shape[1] // bk
@@ -240,7 +275,7 @@ def _flash_forward(q, k, v, seg_q, seg_k, bq, bk):
     def k_block(j, state):
       m, l, acc = state
       kj, vj, seg_kj = _key_tile(k, v, seg_k, j, bk)
-      scores, allowed = _tile_scores(qi, kj, seg_qi, seg_kj, i * bq, j * bk)
+      scores, allowed = _tile_scores(qi, kj, seg_qi, seg_kj, i * bq, j * bk, window, scale, softcap)
       m_new = jnp.maximum(m, scores.max(-1))
       p = jnp.where(allowed, jnp.exp(scores - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
@@ -262,17 +297,16 @@ def _flash_forward(q, k, v, seg_q, seg_k, bq, bk):
   return jax.lax.fori_loop(0, nq, q_block, init)
 
 
-def _flash_fwd(q, k, v, seg_q, seg_k, bq, bk):
-  out, lse = _flash_forward(q, k, v, seg_q, seg_k, bq, bk)
-  return out, (q, k, v, seg_q, seg_k, out, lse)
+def _flash_fwd(q, k, v, seg_q, seg_k, window, bq, bk, scale, softcap):
+  out, lse = _flash_forward(q, k, v, seg_q, seg_k, window, bq, bk, scale, softcap)
+  return out, (q, k, v, seg_q, seg_k, window, out, lse)
 
 
-def _flash_bwd(bq, bk, res, dout):
+def _flash_bwd(bq, bk, scale, softcap, res, dout):
   """Recomputes each tile's probabilities from the logsumexp; key blocks outside, query blocks inside."""
-  q, k, v, seg_q, seg_k, out, lse = res
-  sq, d = q.shape[1], q.shape[-1]
+  q, k, v, seg_q, seg_k, window, out, lse = res
+  sq = q.shape[1]
   nq, nk = sq // bq, k.shape[1] // bk
-  scale = 1.0 / math.sqrt(d)
   # D_i = sum_d dO_i * O_i: the softmax-backward term, (b, kv, g, sq).
   delta = jnp.einsum("bqkgd,bqkgd->bkgq", dout.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -287,11 +321,14 @@ def _flash_bwd(bq, bk, res, dout):
       seg_qi = jax.lax.dynamic_slice_in_dim(seg_q, i * bq, bq, axis=1)
       lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
       delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-      scores, allowed = _tile_scores(qi, kj, seg_qi, seg_kj, i * bq, j * bk)
+      scores, allowed = _tile_scores(qi, kj, seg_qi, seg_kj, i * bq, j * bk, window, scale, softcap)
       p = jnp.where(allowed, jnp.exp(scores - lse_i[..., None]), 0.0)
       dvj = dvj + jnp.einsum("bkgqt,bqkgd->btkd", p.astype(doi.dtype), doi, preferred_element_type=jnp.float32)
       dp = jnp.einsum("bqkgd,btkd->bkgqt", doi, vj, preferred_element_type=jnp.float32)
-      ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
+      ds = p * (dp - delta_i[..., None]) * scale
+      if softcap is not None:  # d/dx c tanh(x / c) = 1 - tanh(x / c)^2
+        ds = ds * (1.0 - jnp.square(jnp.where(allowed, scores, 0.0) / softcap))
+      ds = ds.astype(q.dtype)
       dqi = jnp.einsum("bkgqt,btkd->bqkgd", ds, kj, preferred_element_type=jnp.float32)
       dq = jax.lax.dynamic_update_slice_in_dim(dq, jax.lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dqi,
                                                i * bq, axis=1)
@@ -306,7 +343,7 @@ def _flash_bwd(bq, bk, res, dout):
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dq, dk, dv = jax.lax.fori_loop(0, nk, k_block, init)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

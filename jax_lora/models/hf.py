@@ -38,7 +38,10 @@ __all__ = [
 ]
 
 # model_type → module holding the model class, config class and the key mapping.
-FAMILIES: dict[str, types.ModuleType] = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2, "t5": t5}
+FAMILIES: dict[str, types.ModuleType] = {
+    "llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "gemma2": llama, "gemma3_text": llama,
+    "gpt2": gpt2, "t5": t5,
+}
 _CLASSES = {llama: (llama.LlamaConfig, llama.LlamaForCausalLM), gpt2: (gpt2.GPT2Config, gpt2.GPT2LMHeadModel),
             t5: (t5.T5Config, t5.T5ForConditionalGeneration)}
 
