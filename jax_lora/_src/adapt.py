@@ -157,11 +157,15 @@ def merge(adapted: Any, dtype=None) -> Any:
   cast to ``dtype`` (default: each base's dtype).
 
   Quantized bases are dequantized first (the adapter was trained on
-  dequant(W)); the merged kernel is float. To re-quantize, see
-  ``jax_lora.quant``.
+  dequant(W)); the merged kernel is float. Quantized kernels without an
+  adapter are dequantized too, so the result runs in the plain model
+  (``model.apply``) with no jax_lora layer. To keep or re-quantize the base,
+  see ``jax_lora.quant.merge_quantized``.
   """
 
   def f(path, v):
+    if is_quantized(v):
+      return materialize(v, dtype)
     if not isinstance(v, LoraWeight):
       return v
     return merged_kernel(v, dtype)
@@ -210,10 +214,20 @@ class ParamReport:
     return "\n".join(lines)
 
 
+def _is_param(v) -> bool:
+  """Float arrays and quantized weights count as parameters; RNG keys, integer counters,
+  functions and other static leaves (NNX states, Equinox modules) do not."""
+  if is_quantized(v):
+    return True
+  dt = getattr(v, "dtype", None)
+  return hasattr(v, "shape") and dt is not None and jnp.issubdtype(dt, jnp.inexact)
+
+
 def param_report(adapted: Any, bias: str = "none") -> ParamReport:
   """Counts trainable (A/B and trainable biases) and total (base + adapters) parameters.
 
-  Quantized weights count their original number of elements.
+  Quantized weights count their original number of elements; only float arrays
+  and quantized weights are parameters (not RNG keys, counters or functions).
   """
   flat = leaves(adapted)
   bias_paths = trainable_bias_paths(adapted, bias)
@@ -225,8 +239,8 @@ def param_report(adapted: Any, bias: str = "none") -> ParamReport:
       rows.append((p, v.shape, v.rank, n))
       trainable += n
       total += n + int(np.prod(v.shape))
-    else:
-      n = int(np.prod(getattr(v, "shape", ())))
+    elif _is_param(v):
+      n = int(np.prod(v.shape))
       total += n
       if p in bias_paths:
         trainable += n
