@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_lora._src.config import LoraConfig
+from jax_lora._src.config import LoraConfig, is_all_linear
 from jax_lora._src.lora import LoraWeight, delta, merged_kernel
+from jax_lora._src.trace import trace_params
 from jax_lora._src.tree import is_quantized, leaves, map_leaves, match_paths, materialize, path_key
 
 __all__ = [
@@ -69,14 +70,42 @@ def _init_factors(path: str, w, lay: str, r: int, alpha: float, cfg: LoraConfig,
   return w_res, a, b
 
 
-def init_lora(params: Any, config: LoraConfig, key: jax.Array) -> Any:
+def _resolve_targets(params, config: LoraConfig, apply) -> tuple[set[str], dict[str, str]]:
+  flat = leaves(params)
+  if apply is None:
+    return set(match_paths(flat.keys(), config.target_patterns, what="LoRA target")), {}
+  layouts, outputs = trace_params(lambda p: apply(p), params)
+  linear = {p for p in layouts if p not in outputs and "lm_head" not in p.split("/")}
+  named = [t for t, pat in zip(config.targets, config.target_patterns) if not is_all_linear(t)]
+  targets = set(match_paths(flat.keys(), [config.target_patterns[config.targets.index(t)] for t in named],
+                            what="LoRA target")) if named else set()
+  if len(named) < len(config.targets):
+    if not linear:
+      raise ValueError("all-linear: tracing apply(params) found no parameter used as a matmul operand "
+                       "(besides the output layer); name the targets instead")
+    targets |= linear
+  return targets, layouts
+
+
+def init_lora(params: Any, config: LoraConfig, key: jax.Array, *, apply=None) -> Any:
   """Adds LoRA factors to every kernel matched by ``config.targets``.
 
   Args:
     params: any parameter pytree (Linen ``variables["params"]``, an ``nnx.State``,
-      a plain dict); kernels may be float or quantized arrays.
+      an Equinox module, a plain dict); kernels may be float or quantized arrays.
     config: what to adapt and how.
     key: PRNG key; each path gets ``fold_in(key, crc32(path))``.
+    apply: optional ``apply(params) -> outputs`` running the model on example inputs
+      (e.g. ``lambda p: model.apply({"params": p}, x)``); it is only traced
+      (``jax.make_jaxpr``, shapes). With it, ``"all-linear"`` means every
+      parameter used as a matmul operand (``dot_general``: Dense, einsum, ``x @ w``,
+      ``w @ x``), whatever it is named, except the output layer (the matmul
+      producing the model's output up to casts, reshapes and a bias: an untied
+      ``lm_head``, a tied embedding used as ``h @ E.T``) and modules named
+      ``lm_head``; convolutions are not matmuls. Kernels without an entry in
+      ``config.layouts`` take the layout the trace shows ('i' contracted axes,
+      'o' the others, 'b' scan-stacked ones). Without it, all-linear is the name
+      rule :data:`jax_lora._src.config.ALL_LINEAR` (``kernel`` leaves but ``lm_head``'s).
 
   Returns:
     The same tree with each targeted kernel replaced by a :class:`LoraWeight`
@@ -87,7 +116,7 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array) -> Any:
   for p, v in flat.items():
     if isinstance(v, LoraWeight):
       raise ValueError(f"{p!r} already has a LoRA adapter; merge it first or init from the base params")
-  targets = set(match_paths(flat.keys(), config.target_patterns, what="LoRA target"))
+  targets, traced = _resolve_targets(params, config, apply)
   for p in sorted(targets):
     v = flat[p]
     if not hasattr(v, "shape") or len(v.shape) < 2:
@@ -98,7 +127,7 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array) -> Any:
   def f(path, w):
     if path not in targets:
       return w
-    lay = config.layout_for(path, len(w.shape))
+    lay = config.layout_for(path, len(w.shape), traced.get(path))
     r, alpha = config.rank_for(path), config.alpha_for(path)
     w, a, b = _init_factors(path, w, lay, r, alpha, config, key)
     return LoraWeight(w=w, a=a, b=b, alpha=alpha, rank=r, layout=lay, path=path,

@@ -34,6 +34,7 @@ __all__ = [
     "einsum_layout",
     "parse_einsum",
     "dot",
+    "matvec",
     "dropout_key",
     "record_consumed",
 ]
@@ -114,8 +115,10 @@ class LoraWeight:
   def __array__(self, *args, **kwargs):
     self._refuse("converted to a NumPy array")
 
-  def __matmul__(self, other):
-    self._refuse("w @ x")
+  def __matmul__(self, x):
+    """``lora_weight @ x`` runs unmerged for an ``(out, in)`` kernel (layout "oi", e.g.
+    Equinox's ``eqx.nn.Linear``: ``weight @ x``); ``x`` is ``(in,)`` or ``(in, n)``."""
+    return matvec(self, x)
 
   @property
   def T(self):  # noqa: N802 - the array attribute
@@ -383,6 +386,34 @@ def dot(x: jax.Array, w: Any, *, rng: jax.Array | None = None, precision=None) -
   if rng is None:
     rng = getattr(_state, "rng", None)
   return dense(x, w, n_in=1, precision=precision, rng=rng)
+
+
+def matvec(w: Any, x: jax.Array, *, rng: jax.Array | None = None, precision=None) -> jax.Array:
+  """``w @ x`` for an ``(out, in)`` kernel (PyTorch / Equinox order; LoRA layout "oi"):
+  ``W@x + s·B^T(A^T x)``, unmerged. ``x`` is ``(in,)`` or ``(in, n)``.
+
+  >>> import jax_lora as jl
+  >>> w = jl.init_lora({"weight": jnp.eye(3)}, jl.LoraConfig(rank=1, targets=("weight",), layouts={"weight": "oi"}),
+  ...                  jax.random.key(0))["weight"]
+  >>> (w @ jnp.ones(3)).tolist()
+  [1.0, 1.0, 1.0]
+  """
+  if not isinstance(w, LoraWeight):
+    return jnp.matmul(materialize(w), x, precision=precision)
+  if w.layout != "oi" or x.ndim not in (1, 2):
+    raise LoraUsageError(w.path, f"w @ x with layout {w.layout!r} and x of shape {tuple(x.shape)} "
+                                 "(needs layout 'oi' and a 1-D or 2-D x)")
+  if rng is None:
+    rng = getattr(_state, "rng", None)
+  _note(w.path)
+  dtype = _compute_dtype(x, w.w)
+  xt = (x[None] if x.ndim == 1 else x.T).astype(dtype)
+  r = w.a.shape[-1]
+  a2, b2 = w.a.astype(dtype).reshape(-1, r), w.b.astype(dtype).reshape(r, -1)
+  base = materialize(w.w, dtype).T
+  xd = _dropout(xt, w.dropout, rng, w.path)
+  y = lora_matmul(xt, base, a2, b2, w.scale, x_lora=xd, precision=precision, dtype=dtype)
+  return y[0] if x.ndim == 1 else y.T
 
 
 def parse_einsum(spec: str):
