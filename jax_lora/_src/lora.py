@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import sys
 import threading
 from typing import Any
 
@@ -114,6 +115,14 @@ class LoraWeight:
 
   def __array__(self, *args, **kwargs):
     self._refuse("converted to a NumPy array")
+
+  def __jax_array__(self):
+    """Refused with this weight's path (``jnp.einsum(..., w)``, ``jnp.asarray(w)``), so the
+    integrations merge exactly this weight. A JAX array's ``x @ w`` asks first: answering
+    with ``self`` makes it return NotImplemented, and Python calls :meth:`__rmatmul__`."""
+    if sys._getframe(1).f_code.co_name in ("_operator_matmul", "_operator_rmatmul"):
+      return self
+    self._refuse("converted to a JAX array (jnp.einsum, jnp.asarray...)")
 
   def __matmul__(self, x):
     """``lora_weight @ x`` runs unmerged for an ``(out, in)`` kernel (layout "oi", e.g.
