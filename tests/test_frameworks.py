@@ -4,6 +4,7 @@ kernels) + MLP, a classifier head), and a tunix-style NNX model whose weights ar
 named ``w``: all-linear by tracing, traced layouts, zero fallbacks, unmerged ==
 merged values and gradients, NF4 bits along the input axes."""
 
+import re
 import warnings
 
 import flax.linen as nn
@@ -63,7 +64,7 @@ def test_linen_all_linear_traced_targets_and_layouts():
   assert lays == {a + "query/kernel": "bioo", a + "key/kernel": "bioo", a + "value/kernel": "bioo",
                   a + "out/kernel": "biio", "layers/up/kernel": "bio", "layers/down/kernel": "bio"}  # no stem conv, no head
   inferred = jl.linen.infer_layouts(model, params, IMG)
-  assert {k.replace("\\", ""): v for k, v in inferred.items()} == {**lays, "head/kernel": "io"}
+  assert {k.replace("\\", ""): v for k, v in inferred.items()} == {**lays, "head/kernel": "io", "stem/kernel": "iiio"}
 
 
 def test_linen_scan_remat_unmerged_equals_merged():
@@ -154,3 +155,30 @@ def test_all_linear_on_tunix_style_w_params():
     y = jl.nnx.apply(graphdef, ad, ids)
   assert any("q/w" in str(x.message) for x in w) and not any("mlp/kernel" in str(x.message) for x in w)
   np.testing.assert_allclose(np.asarray(y), np.asarray(nnx.merge(graphdef, jl.merge(ad))(ids)), atol=1e-5)
+
+
+def test_conv_lora_unmerged_equals_merged():
+  """PEFT's Conv LoRA on the patch-embedding stem: conv(x, W) + s·conv(x, A) @ B, no merged fallback."""
+  model, params, run = _vit()
+  cfg = jl.LoraConfig(rank=2, alpha=4.0, targets=("all-linear", "stem"), layouts={"stem/kernel": "iiio"})
+  ad = _bump(jl.init_lora(params, cfg, jax.random.key(1), apply=run))
+  assert ad["stem"]["kernel"].a.shape == (4, 4, 3, 2) and ad["stem"]["kernel"].b.shape == (2, D)
+  trainable, frozen = jl.split(ad)
+
+  def unmerged(t):
+    return jnp.sum(jl.linen.apply(model, jl.combine(t, frozen), IMG) ** 2)
+
+  def merged(t):
+    return jnp.sum(model.apply({"params": jl.merge(jl.combine(t, frozen))}, IMG) ** 2)
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    lu, gu = jax.jit(jax.value_and_grad(unmerged))(trainable)
+  lm, gm = jax.jit(jax.value_and_grad(merged))(trainable)
+  np.testing.assert_allclose(float(lu), float(lm), rtol=1e-5)
+  for name in ("a", "b"):
+    np.testing.assert_allclose(np.asarray(getattr(gu["stem"]["kernel"], name)),
+                               np.asarray(getattr(gm["stem"]["kernel"], name)), rtol=1e-4, atol=1e-5)
+  # unmerged: the stem's conv runs on W and on the rank-2 A, never on W + s·A@B
+  text = str(jax.make_jaxpr(unmerged)(trainable))
+  assert re.search(r"f32\[2,2,2,2\] = conv_general_dilated", text)  # conv(x, A): rank-2 output channels

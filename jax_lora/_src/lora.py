@@ -38,6 +38,9 @@ __all__ = [
     "matvec",
     "dropout_key",
     "record_consumed",
+    "note_consumed",
+    "lora_dropout",
+    "compute_dtype",
 ]
 
 
@@ -202,6 +205,21 @@ def dropout_key(rng: jax.Array | None):
     yield
   finally:
     _state.rng = prev
+
+
+def note_consumed(path: str) -> None:
+  """Records that the fast path computed the LoRA weight at ``path`` unmerged (for probes)."""
+  _note(path)
+
+
+def lora_dropout(x: jax.Array, rate: float, rng: jax.Array | None, path: str) -> jax.Array:
+  """Inverted dropout on the LoRA branch's input, keyed by ``path`` (identity without ``rng``)."""
+  return _dropout(x, rate, rng, path)
+
+
+def compute_dtype(x: jax.Array, base: Any, dtype=None):
+  """The dtype a (possibly quantized) kernel is computed in (see ``QuantConfig.compute_dtype``)."""
+  return _compute_dtype(x, base, dtype)
 
 
 def _note(path: str) -> None:
