@@ -1,6 +1,7 @@
 """Quantization tests: known answers, naive references, pytrees, bits, orbax, merging."""
 
 import dataclasses
+import warnings
 
 import flax.linen as nn
 import jax
@@ -250,3 +251,58 @@ def test_stacked_kernel_slices_like_nn_scan():
       alone = quantize_array(w[i], block_size=64, double_quant=dq, dq_block_size=8)
       np.testing.assert_allclose(np.asarray(layer.dequantize()), np.asarray(alone.dequantize()), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.asarray(q.dequantize()[1]), np.asarray(quantize_array(w[1], block_size=64, double_quant=dq, dq_block_size=8).dequantize()), rtol=1e-6, atol=1e-7)
+
+
+def test_multi_axis_blocks_equal_flattened_kernel():
+  """(heads, head_dim, out) blocked along heads·head_dim == the (heads·head_dim, out) kernel quantized."""
+  w = jax.random.normal(jax.random.key(4), (4, 16, 32))
+  q = Q.quantize_array(w, axis=(0, 1))
+  flat = Q.quantize_array(w.reshape(64, 32))
+  assert q.axes == (0, 1) and q.padded == 64 and q.codes.shape == flat.codes.shape == (32, 32)
+  np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(flat.codes))
+  np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(flat.dequantize()).reshape(4, 16, 32))
+
+
+@pytest.mark.parametrize("shape,layout,axes", [
+    ((64, 4, 16), "ioo", 0),          # DenseGeneral q/k/v (in, heads, head_dim)
+    ((4, 16, 64), "iio", (0, 1)),     # DenseGeneral out (heads, head_dim, out)
+    ((3, 64, 32), "bio", 1),          # nn.scan-stacked (layers, in, out)
+    ((64, 3, 32), "ibo", 0),          # t5x (in, layers, out)
+    ((64, 128), "oi", 1),             # Equinox / PyTorch (out, in)
+], ids=["mha_qkv", "mha_out", "scan_stack", "t5x_stack", "torch_oi"])
+def test_default_axis_is_the_input_axes(shape, layout, axes):
+  w = jax.random.normal(jax.random.key(0), shape)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no padding warning
+    by_layout = Q.quantize({"k": {"kernel": w}}, Q.QuantConfig(layouts={"k/kernel": layout}))["k"]["kernel"]
+    adapted = jl.init_lora({"k": {"kernel": w}}, jl.LoraConfig(rank=2, layouts={"k/kernel": layout}), jax.random.key(1))
+    via_lora = Q.quantize(adapted)["k"]["kernel"].w
+  assert by_layout.axis == via_lora.axis == axes
+  assert Q.bits_report({"k": by_layout}).bits_per_param <= 4.2
+  if layout != "oi":  # without a layout the guess finds the same axes
+    assert Q.quantize({"k": {"kernel": w}})["k"]["kernel"].axis == axes
+  err = np.abs(np.asarray(by_layout.dequantize()) - np.asarray(w))
+  assert err.max() < 0.6 and err.mean() < 0.1
+
+
+def test_padding_warns_and_merge_dequantizes_unadapted():
+  p = {"a": {"kernel": jnp.ones((100, 48))}, "lm_head": {"kernel": jnp.ones((64, 80))}}
+  with pytest.warns(UserWarning, match=r"'a/kernel' .* padded by 28%"):
+    q = Q.quantize(p)
+  ad = jl.init_lora(q, jl.LoraConfig(rank=2, targets=("a",)), jax.random.key(0))
+  merged = jl.merge(ad)
+  assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(merged))  # lm_head dequantized too
+  np.testing.assert_array_equal(np.asarray(merged["lm_head"]["kernel"]), np.asarray(q["lm_head"]["kernel"].dequantize()))
+  plain, _ = Q.merge_quantized(ad)
+  assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(plain))
+  kept, _ = Q.merge_quantized(ad, requantize=True)
+  assert isinstance(kept["lm_head"]["kernel"], Q.QuantizedArray)
+
+
+def test_bits_and_param_report_skip_non_arrays():
+  tree = {"k": {"kernel": jnp.ones((64, 64))}, "rng": jax.random.key(0), "count": jnp.zeros((), jnp.uint32),
+          "fn": jax.nn.relu}
+  q = Q.quantize(tree, Q.QuantConfig(targets=("k/kernel",)))
+  rep = Q.bits_report(q)
+  assert (rep.quantized_params, rep.float_params, rep.float_bits) == (4096, 2, 64 + 32)  # a key (its 2 uint32) + the counter
+  assert jl.param_report(q).total == 4096  # keys, counters and functions are not parameters

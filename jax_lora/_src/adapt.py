@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_lora._src.config import LoraConfig
+from jax_lora._src.config import LoraConfig, is_all_linear
 from jax_lora._src.lora import LoraWeight, delta, merged_kernel
+from jax_lora._src.trace import trace_params
 from jax_lora._src.tree import is_quantized, leaves, map_leaves, match_paths, materialize, path_key
 
 __all__ = [
@@ -69,14 +70,42 @@ def _init_factors(path: str, w, lay: str, r: int, alpha: float, cfg: LoraConfig,
   return w_res, a, b
 
 
-def init_lora(params: Any, config: LoraConfig, key: jax.Array) -> Any:
+def _resolve_targets(params, config: LoraConfig, apply) -> tuple[set[str], dict[str, str]]:
+  flat = leaves(params)
+  if apply is None:
+    return set(match_paths(flat.keys(), config.target_patterns, what="LoRA target")), {}
+  layouts, outputs = trace_params(lambda p: apply(p), params)
+  linear = {p for p in layouts if p not in outputs and "lm_head" not in p.split("/")}
+  named = [t for t, pat in zip(config.targets, config.target_patterns) if not is_all_linear(t)]
+  targets = set(match_paths(flat.keys(), [config.target_patterns[config.targets.index(t)] for t in named],
+                            what="LoRA target")) if named else set()
+  if len(named) < len(config.targets):
+    if not linear:
+      raise ValueError("all-linear: tracing apply(params) found no parameter used as a matmul operand "
+                       "(besides the output layer); name the targets instead")
+    targets |= linear
+  return targets, layouts
+
+
+def init_lora(params: Any, config: LoraConfig, key: jax.Array, *, apply=None) -> Any:
   """Adds LoRA factors to every kernel matched by ``config.targets``.
 
   Args:
     params: any parameter pytree (Linen ``variables["params"]``, an ``nnx.State``,
-      a plain dict); kernels may be float or quantized arrays.
+      an Equinox module, a plain dict); kernels may be float or quantized arrays.
     config: what to adapt and how.
     key: PRNG key; each path gets ``fold_in(key, crc32(path))``.
+    apply: optional ``apply(params) -> outputs`` running the model on example inputs
+      (e.g. ``lambda p: model.apply({"params": p}, x)``); it is only traced
+      (``jax.make_jaxpr``, shapes). With it, ``"all-linear"`` means every
+      parameter used as a matmul operand (``dot_general``: Dense, einsum, ``x @ w``,
+      ``w @ x``), whatever it is named, except the output layer (the matmul
+      producing the model's output up to casts, reshapes and a bias: an untied
+      ``lm_head``, a tied embedding used as ``h @ E.T``) and modules named
+      ``lm_head``; convolutions are not matmuls. Kernels without an entry in
+      ``config.layouts`` take the layout the trace shows ('i' contracted axes,
+      'o' the others, 'b' scan-stacked ones). Without it, all-linear is the name
+      rule :data:`jax_lora._src.config.ALL_LINEAR` (``kernel`` leaves but ``lm_head``'s).
 
   Returns:
     The same tree with each targeted kernel replaced by a :class:`LoraWeight`
@@ -87,7 +116,7 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array) -> Any:
   for p, v in flat.items():
     if isinstance(v, LoraWeight):
       raise ValueError(f"{p!r} already has a LoRA adapter; merge it first or init from the base params")
-  targets = set(match_paths(flat.keys(), config.target_patterns, what="LoRA target"))
+  targets, traced = _resolve_targets(params, config, apply)
   for p in sorted(targets):
     v = flat[p]
     if not hasattr(v, "shape") or len(v.shape) < 2:
@@ -98,7 +127,7 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array) -> Any:
   def f(path, w):
     if path not in targets:
       return w
-    lay = config.layout_for(path, len(w.shape))
+    lay = config.layout_for(path, len(w.shape), traced.get(path))
     r, alpha = config.rank_for(path), config.alpha_for(path)
     w, a, b = _init_factors(path, w, lay, r, alpha, config, key)
     lw = LoraWeight(w=w, a=a, b=b, alpha=alpha, rank=r, layout=lay, path=path,
@@ -166,11 +195,15 @@ def merge(adapted: Any, dtype=None) -> Any:
   cast to ``dtype`` (default: each base's dtype).
 
   Quantized bases are dequantized first (the adapter was trained on
-  dequant(W)); the merged kernel is float. To re-quantize, see
-  ``jax_lora.quant``.
+  dequant(W)); the merged kernel is float. Quantized kernels without an
+  adapter are dequantized too, so the result runs in the plain model
+  (``model.apply``) with no jax_lora layer. To keep or re-quantize the base,
+  see ``jax_lora.quant.merge_quantized``.
   """
 
   def f(path, v):
+    if is_quantized(v):
+      return materialize(v, dtype)
     if not isinstance(v, LoraWeight):
       return v
     return merged_kernel(v, dtype)
@@ -222,10 +255,20 @@ class ParamReport:
     return "\n".join(lines)
 
 
+def _is_param(v) -> bool:
+  """Float arrays and quantized weights count as parameters; RNG keys, integer counters,
+  functions and other static leaves (NNX states, Equinox modules) do not."""
+  if is_quantized(v):
+    return True
+  dt = getattr(v, "dtype", None)
+  return hasattr(v, "shape") and dt is not None and jnp.issubdtype(dt, jnp.inexact)
+
+
 def param_report(adapted: Any, bias: str = "none") -> ParamReport:
   """Counts trainable (A/B and trainable biases) and total (base + adapters) parameters.
 
-  Quantized weights count their original number of elements.
+  Quantized weights count their original number of elements; only float arrays
+  and quantized weights are parameters (not RNG keys, counters or functions).
   """
   flat = leaves(adapted)
   bias_paths = trainable_bias_paths(adapted, bias)
@@ -237,8 +280,8 @@ def param_report(adapted: Any, bias: str = "none") -> ParamReport:
       rows.append((p, v.shape, v.rank, n))
       trainable += n
       total += n + int(np.prod(v.shape))
-    else:
-      n = int(np.prod(getattr(v, "shape", ())))
+    elif _is_param(v):
+      n = int(np.prod(v.shape))
       total += n
       if p in bias_paths:
         trainable += n

@@ -10,17 +10,20 @@ from typing import Literal
 
 from jax_lora._src.tree import first_match
 
-__all__ = ["LoraConfig", "ALL_LINEAR", "target_pattern"]
+__all__ = ["LoraConfig", "ALL_LINEAR", "target_pattern", "is_all_linear"]
 
-# Every Flax linear kernel (Linen nn.Dense/DenseGeneral/Einsum and NNX
-# Linear/LinearGeneral/Einsum all name their weight "kernel").
-ALL_LINEAR = r"(.*/)?kernel"
+# "all-linear" by name, when no model is traced: every Flax linear kernel (Linen
+# nn.Dense/DenseGeneral/Einsum and NNX Linear/LinearGeneral/Einsum all name their
+# weight "kernel") except the output layer's ("lm_head"), as PEFT's all-linear.
+# With init_lora(..., apply=...) all-linear is found by tracing instead.
+ALL_LINEAR = r"(?!(.*/)?lm_head/)(.*/)?kernel"
 
 
 def target_pattern(target: str) -> str:
   """The path regex of one ``LoraConfig.targets`` entry.
 
-  ``"all-linear"`` (or ``"all_linear"``) is :data:`ALL_LINEAR`; a bare name
+  ``"all-linear"`` (or ``"all_linear"``) is :data:`ALL_LINEAR` (see
+  :func:`is_all_linear` for the traced rule); a bare name
   such as ``"q_proj"`` (letters, digits, ``_``) means the kernel of every module
   of that name, or every leaf of that name, anywhere in the tree (as PEFT's
   ``target_modules`` names do); anything else is a regex fullmatched against
@@ -34,6 +37,11 @@ def target_pattern(target: str) -> str:
   if re.fullmatch(r"\w+", target):
     return rf"(.*/)?{target}(/kernel|/embedding)?"
   return target
+
+
+def is_all_linear(target: str) -> bool:
+  """Whether a ``targets`` entry is the all-linear shorthand (or its :data:`ALL_LINEAR` regex)."""
+  return target in ("all-linear", "all_linear", ALL_LINEAR)
 
 
 def _freeze_mapping(m) -> tuple[tuple[str, float], ...]:
@@ -131,14 +139,17 @@ class LoraConfig:
     a = first_match(path, self.alpha_pattern)
     return float(self.alpha if a is None else a)
 
-  def layout_for(self, path: str, ndim: int) -> str:
+  def layout_for(self, path: str, ndim: int, default: str | None = None) -> str:
     lay = first_match(path, self.layouts)
+    if lay is None and default is not None and len(default) == ndim:
+      return default
     if lay is None:
       if ndim != 2:
         raise ValueError(
             f"kernel {path!r} has {ndim} axes; say which are input/output/stacked with "
             f"LoraConfig(layouts={{{path!r}: '...'}}) using 'i','o','b' per axis (e.g. 'bio'), "
-            "or use jax_lora.linen.infer_layouts(model, ...)"
+            "or use jax_lora.linen.infer_layouts(model, ...) / jax_lora.nnx.infer_layouts, or pass "
+            "init_lora(..., apply=...) to read layouts from a trace"
         )
       return "io"
     if len(lay) != ndim:

@@ -52,14 +52,15 @@ def _warn(path: str, v: Any) -> None:
                 "frozen-base savings there)", stacklevel=3)
 
 
-def merge_unreached(tree: Any, fast: Collection[str]) -> Any:
+def merge_unreached(tree: Any, fast: Collection[str], warn: bool = True) -> Any:
   """``tree`` with every special kernel whose path is not in ``fast`` merged (LoRA:
-  ``merged_kernel`` in the base dtype) or dequantized."""
+  ``merged_kernel`` in the base dtype) or dequantized (with a warning, once per path)."""
 
   def f(path, v):
     if not is_special(v) or path in fast:
       return v
-    _warn(path, v)
+    if warn:
+      _warn(path, v)
     return merged_kernel(v) if isinstance(v, LoraWeight) else materialize(v)
 
   return map_leaves(f, tree)

@@ -13,6 +13,19 @@ from jax_lora._src.fallback import merge_unreached, special_paths
 __all__ = ["apply_fn"]
 
 
+def _eval_shape(g, tree):
+  """``jax.eval_shape(g, tree)`` where ``tree`` may hold non-array leaves (an Equinox
+  module's activation functions): those are closed over as they are."""
+  flat, treedef = jax.tree.flatten(tree)
+  is_arr = [hasattr(v, "shape") and hasattr(v, "dtype") for v in flat]
+
+  def h(arrays):
+    it = iter(arrays)
+    return g(treedef.unflatten([next(it) if a else v for v, a in zip(flat, is_arr)]))
+
+  return jax.eval_shape(h, [v for v, a in zip(flat, is_arr) if a])
+
+
 def apply_fn(f: Callable[..., Any], adapted: Any, *args, dropout_rng: jax.Array | None = None, **kwargs):
   """Calls ``f(adapted, *args, **kwargs)`` with LoRA unmerged where ``f`` uses :func:`jax_lora.dot`.
 
@@ -38,7 +51,7 @@ def apply_fn(f: Callable[..., Any], adapted: Any, *args, dropout_rng: jax.Array 
     params = merge_unreached(adapted, special - merged)
     try:
       with lora.record_consumed() as seen, lora.dropout_key(dropout_rng):
-        jax.eval_shape(lambda p: f(p, *args, **kwargs), params)
+        _eval_shape(lambda p: f(p, *args, **kwargs), params)
       break
     except lora.LoraUsageError as e:
       if e.path in merged:

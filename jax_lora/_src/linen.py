@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jax_lora._src import lora as ops
 from jax_lora._src.fallback import is_special, merge_unreached, plain_shapes, special_paths
-from jax_lora._src.tree import leaves
+from jax_lora._src.tree import leaves, materialize
 
 __all__ = ["apply", "intercept", "infer_layouts"]
 
@@ -63,10 +63,33 @@ def _call_embed(m: nn.Embed, table, ids, rng):
   return ops.embed(ids, table, dtype=m.dtype)
 
 
+def _call_conv(m: nn.Conv, kernel, x, rng):
+  """PEFT's Conv LoRA, unmerged: ``conv(x, W) + s · conv(x, A) @ B`` with ``A`` a conv kernel
+  ``(*window, in, r)`` and ``B`` ``(r, out)`` (layout 'i' for the window and input axes,
+  'o' for the output). Flax's own Conv computes both convolutions (same padding,
+  strides, dilations), run as unbound clones on these kernels."""
+  lw = kernel if isinstance(kernel, ops.LoraWeight) else None
+  base = lw.w if lw is not None else kernel
+  dtype = ops.compute_dtype(x, base, m.dtype)
+  params = {"kernel": materialize(base, dtype)}
+  if m.use_bias:
+    params["bias"] = m.get_variable("params", "bias")
+  y = m.clone(parent=None).apply({"params": params}, x)
+  if lw is None:
+    return y
+  if lw.layout != "i" * (len(lw.layout) - 1) + "o":
+    raise ValueError(f"conv kernel {lw.path!r} has LoRA layout {lw.layout!r}; a conv kernel (*window, in, out) "
+                     f"needs {'i' * (len(lw.layout) - 1) + 'o'!r}")
+  ops.note_consumed(lw.path)
+  xd = ops.lora_dropout(x, lw.dropout, rng, lw.path)
+  xa = m.clone(parent=None, features=lw.rank, use_bias=False).apply({"params": {"kernel": lw.a.astype(dtype)}}, xd)
+  return y + ops.dense(xa * jnp.asarray(lw.scale, dtype), lw.b.astype(dtype), dtype=dtype)
+
+
 def _handler(m):
   # Exact types only: subclasses may change the math.
   return {nn.Dense: _call_dense, nn.DenseGeneral: _call_dense_general, nn.Einsum: _call_einsum,
-          nn.Embed: _call_embed}.get(type(m))
+          nn.Embed: _call_embed, nn.Conv: _call_conv}.get(type(m))
 
 
 def _param_name(m) -> str:
@@ -160,6 +183,12 @@ def _unsupported(m, args, kwargs) -> bool:
     return True
   if type(m) is nn.DenseGeneral and m.batch_dims not in ((), None):
     return True
+  if type(m) is nn.Conv:
+    k = m.get_variable("params", "kernel")
+    lay = getattr(k, "layout", None)
+    if m.feature_group_count != 1 or m.mask is not None or getattr(m, "conv_general_dilated", None) is not None or (
+        lay is not None and lay != "i" * (len(lay) - 1) + "o"):
+      return True
   if type(m) is nn.Einsum:
     spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or m.einsum_str
     return ops.parse_einsum(spec or "") is None
@@ -223,6 +252,8 @@ def infer_layouts(model: nn.Module, params: Any, *args, method=None, **kwargs) -
       if type(m) is nn.Einsum:
         spec = k.get("einsum_str") or (a[1] if len(a) > 1 else None) or m.einsum_str
         lay = ops.einsum_layout(spec or "")
+      elif type(m) is nn.Conv:
+        lay = "i" * (len(kshape) - 1) + "o"
       elif type(m) is nn.DenseGeneral:
         axis = m.axis if isinstance(m.axis, tuple) else (m.axis,)
         lay = "i" * len(axis) + "o" * (len(kshape) - len(axis))

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import sys
 import threading
 from typing import Any
 
@@ -36,8 +37,12 @@ __all__ = [
     "parse_einsum",
     "dot",
     "embed",
+    "matvec",
     "dropout_key",
     "record_consumed",
+    "note_consumed",
+    "lora_dropout",
+    "compute_dtype",
 ]
 
 
@@ -120,8 +125,18 @@ class LoraWeight:
   def __array__(self, *args, **kwargs):
     self._refuse("converted to a NumPy array")
 
-  def __matmul__(self, other):
-    self._refuse("w @ x")
+  def __jax_array__(self):
+    """Refused with this weight's path (``jnp.einsum(..., w)``, ``jnp.asarray(w)``), so the
+    integrations merge exactly this weight. A JAX array's ``x @ w`` asks first: answering
+    with ``self`` makes it return NotImplemented, and Python calls :meth:`__rmatmul__`."""
+    if sys._getframe(1).f_code.co_name in ("_operator_matmul", "_operator_rmatmul"):
+      return self
+    self._refuse("converted to a JAX array (jnp.einsum, jnp.asarray...)")
+
+  def __matmul__(self, x):
+    """``lora_weight @ x`` runs unmerged for an ``(out, in)`` kernel (layout "oi", e.g.
+    Equinox's ``eqx.nn.Linear``: ``weight @ x``); ``x`` is ``(in,)`` or ``(in, n)``."""
+    return matvec(self, x)
 
   @property
   def T(self):  # noqa: N802 - the array attribute
@@ -214,6 +229,21 @@ def dropout_key(rng: jax.Array | None):
     yield
   finally:
     _state.rng = prev
+
+
+def note_consumed(path: str) -> None:
+  """Records that the fast path computed the LoRA weight at ``path`` unmerged (for probes)."""
+  _note(path)
+
+
+def lora_dropout(x: jax.Array, rate: float, rng: jax.Array | None, path: str) -> jax.Array:
+  """Inverted dropout on the LoRA branch's input, keyed by ``path`` (identity without ``rng``)."""
+  return _dropout(x, rate, rng, path)
+
+
+def compute_dtype(x: jax.Array, base: Any, dtype=None):
+  """The dtype a (possibly quantized) kernel is computed in (see ``QuantConfig.compute_dtype``)."""
+  return _compute_dtype(x, base, dtype)
 
 
 def _note(path: str) -> None:
@@ -435,6 +465,32 @@ def embed(ids: jax.Array, table: Any, *, dtype=None) -> jax.Array:
   _note(lw.path)
   xa = jnp.take(lw.a.astype(y.dtype), ids, axis=0) * jnp.asarray(lw.scale, y.dtype)
   return y + jnp.einsum("...r,rd->...d", xa, lw.b.astype(y.dtype))
+def matvec(w: Any, x: jax.Array, *, rng: jax.Array | None = None, precision=None) -> jax.Array:
+  """``w @ x`` for an ``(out, in)`` kernel (PyTorch / Equinox order; LoRA layout "oi"):
+  ``W@x + s·B^T(A^T x)``, unmerged. ``x`` is ``(in,)`` or ``(in, n)``.
+
+  >>> import jax_lora as jl
+  >>> w = jl.init_lora({"weight": jnp.eye(3)}, jl.LoraConfig(rank=1, targets=("weight",), layouts={"weight": "oi"}),
+  ...                  jax.random.key(0))["weight"]
+  >>> (w @ jnp.ones(3)).tolist()
+  [1.0, 1.0, 1.0]
+  """
+  if not isinstance(w, LoraWeight):
+    return jnp.matmul(materialize(w), x, precision=precision)
+  if w.layout != "oi" or x.ndim not in (1, 2):
+    raise LoraUsageError(w.path, f"w @ x with layout {w.layout!r} and x of shape {tuple(x.shape)} "
+                                 "(needs layout 'oi' and a 1-D or 2-D x)")
+  if rng is None:
+    rng = getattr(_state, "rng", None)
+  _note(w.path)
+  dtype = _compute_dtype(x, w.w)
+  xt = (x[None] if x.ndim == 1 else x.T).astype(dtype)
+  r = w.a.shape[-1]
+  a2, b2 = w.a.astype(dtype).reshape(-1, r), w.b.astype(dtype).reshape(r, -1)
+  base = materialize(w.w, dtype).T
+  xd = _dropout(xt, w.dropout, rng, w.path)
+  y = lora_matmul(xt, base, a2, b2, w.scale, x_lora=xd, precision=precision, dtype=dtype)
+  return y[0] if x.ndim == 1 else y.T
 
 
 def parse_einsum(spec: str):

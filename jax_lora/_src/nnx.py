@@ -6,13 +6,22 @@ LoRA/quantized kernels through :mod:`jax_lora._src.lora`. Interception is scoped
 to the call: the module objects that ``nnx.merge`` builds for this call are
 switched to private subclasses (their ``__call__`` computes unmerged) and back;
 no class attribute is changed, so other threads and other NNX code in the
-process are untouched. Kernels the fast path does not reach are found by a
-shape-only probe and merged, with a warning naming them.
+process are untouched. Inside ``nnx.scan``/``nnx.vmap``/``nnx.remat`` the
+modules NNX rebuilds keep the subclass (it is part of the graph), so stacked
+layers run unmerged too.
+
+A shape-only probe (``jax.eval_shape`` with the states as arguments, so NNX
+transforms see variables of their own trace) runs the call first; a kernel the
+model uses some other way (``w.T``, a ``LinearGeneral`` with ``batch_axis``...)
+raises a ``LoraUsageError`` naming it and is merged, with a warning.
+:func:`apply_with_state` also returns the updated non-parameter states
+(BatchNorm statistics, RNG counters).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from typing import Any
 
@@ -22,9 +31,10 @@ from flax import nnx
 
 from jax_lora._src import lora as ops
 from jax_lora._src.fallback import is_special, merge_unreached, special_paths
-from jax_lora._src.tree import map_leaves
+from jax_lora._src.trace import matmul_params
+from jax_lora._src.tree import is_variable
 
-__all__ = ["apply"]
+__all__ = ["apply", "apply_with_state", "infer_layouts"]
 
 _local = threading.local()
 
@@ -58,23 +68,29 @@ def _einsum(m, kernel, x, einsum_str=None):
   return y
 
 
+def _refuse(cls, kernel, what):
+  if isinstance(kernel, ops.LoraWeight):
+    raise ops.LoraUsageError(kernel.path, f"{cls.__name__} {what}")
+  raise TypeError(f"jax_lora cannot run a quantized kernel through {cls.__name__} {what}")
+
+
 def _make(cls, handler):
   """A private subclass of ``cls`` whose call runs ``handler`` on special kernels."""
 
   def __call__(self, inputs, *args, **kwargs):
-    probe = getattr(_local, "probe", None)
-    if probe is not None:  # shape-only probe: record the calls the fast path can take
-      seen, paths = probe
-      if id(self) in paths and not (args or {k: v for k, v in kwargs.items() if k != "einsum_str"}):
-        seen.add(paths[id(self)] + "/kernel")
-      return cls.__call__(self, inputs, *args, **kwargs)
     kernel = self.kernel.get_value()
     if not is_special(kernel):
       return cls.__call__(self, inputs, *args, **kwargs)
-    out = handler(self, kernel, inputs, *args, **kwargs)
+    if kwargs.get("out_sharding", None) is None:  # NNX layers pass out_sharding=None by default
+      kwargs.pop("out_sharding", None)
+    if args or {k: v for k, v in kwargs.items() if k != "einsum_str"}:
+      _refuse(cls, kernel, f"called with extra arguments {sorted(kwargs) or len(args)}")
+    if getattr(self, "dot_general", None) not in (None, jax.lax.dot_general) or getattr(
+        self, "dot_general_cls", None) is not None or getattr(self, "preferred_element_type", None) is not None:
+      _refuse(cls, kernel, "with a custom dot_general or preferred_element_type")
+    out = handler(self, kernel, inputs, **kwargs)
     if out is None:
-      raise NotImplementedError(f"jax_lora cannot run this {cls.__name__} call unmerged; the probe should "
-                                "have merged it, please report it")
+      _refuse(cls, kernel, "with these settings (batch_axis, an einsum with '...')")
     return out
 
   return type(f"_Lora{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__})
@@ -84,13 +100,8 @@ _SUBCLASSES = {cls: _make(cls, h) for cls, h in
                ((nnx.Linear, _linear), (nnx.LinearGeneral, _linear_general), (nnx.Einsum, _einsum))}
 
 
-def _module_paths(module) -> dict[int, str]:
-  return {id(node): "/".join(str(p) for p in path) for path, node in nnx.iter_graph(module)
-          if isinstance(node, nnx.Module)}
-
-
 @contextlib.contextmanager
-def _intercepted(module, dropout_rng=None, probe=None):
+def _intercepted(module, dropout_rng=None):
   """Switches the exact-type Linear/LinearGeneral/Einsum objects of ``module`` (built for
   this call) to the intercepting subclasses, and back on exit."""
   swapped = []
@@ -99,47 +110,82 @@ def _intercepted(module, dropout_rng=None, probe=None):
     if sub is not None:
       object.__setattr__(node, "__class__", sub)
       swapped.append((node, type(node).__mro__[1]))
-  prev = getattr(_local, "rng", None), getattr(_local, "probe", None)
-  _local.rng, _local.probe = dropout_rng, probe
+  prev = getattr(_local, "rng", None)
+  _local.rng = dropout_rng
   try:
     yield module
   finally:
-    _local.rng, _local.probe = prev
+    _local.rng = prev
     for node, cls in swapped:
       object.__setattr__(node, "__class__", cls)
 
 
-def _call(module, method, args, kwargs):
-  return getattr(module, method or "__call__")(*args, **kwargs)
+def _run(graphdef, params, others, method, args, kwargs, dropout_rng):
+  """Builds the module from copies of the states, calls it intercepted; returns (out, module)."""
+  module = nnx.merge(graphdef, params, *others, copy=True)
+  with _intercepted(module, dropout_rng):
+    out = getattr(module, method or "__call__")(*args, **kwargs)
+  return out, module
 
 
 def _probe(graphdef, adapted, others, method, args, kwargs) -> frozenset:
-  seen: set[str] = set()
-
-  def run():
-    state = map_leaves(lambda p, v: jnp.zeros(v.shape, jnp.float32) if is_special(v) else v, adapted)
-    module = nnx.merge(graphdef, state, *others)
-    with _intercepted(module, probe=(seen, _module_paths(module))):
-      return _call(module, method, args, kwargs)
-
-  jax.eval_shape(run)
+  """Paths of the special kernels that can stay in place (see the module docstring)."""
   special = special_paths(adapted)
-  if special - seen:
-    def as_is():
-      module = nnx.merge(graphdef, adapted, *others)
-      with _intercepted(module):
-        return _call(module, method, args, kwargs)
-    try:  # hand-written layers using jax_lora.dot, or unused kernels: keep them all
-      jax.eval_shape(as_is)
-      seen = special
-    except ops.LoraUsageError:  # merge what the fast path does not reach
-      pass
-  return frozenset(seen)
+  merged: set[str] = set()
+  first_error = None
+  while True:
+    params = merge_unreached(adapted, special - merged, warn=False)
+    try:
+      with ops.record_consumed() as seen:
+        jax.eval_shape(lambda p, o: _run(graphdef, p, o, method, args, kwargs, None)[0], params, tuple(others))
+      return frozenset(special - merged)
+    except ops.LoraUsageError as e:
+      if e.path in merged:
+        raise
+      merged.add(e.path)
+    except (TypeError, AttributeError) as e:
+      rest = special - merged - seen
+      if first_error is not None or not rest:
+        raise (first_error or e) from None
+      first_error = e
+      merged |= rest
+
+
+def _updated(old, module):
+  """``old`` (a state from ``nnx.split``) with the module's current values at its paths."""
+  now = {kp: v for kp, v in jax.tree_util.tree_flatten_with_path(nnx.state(module), is_leaf=is_variable)[0]}
+
+  def f(kp, v):
+    cur = now.get(kp)
+    if cur is None or not is_variable(v):
+      return v
+    return v.replace(cur.get_value())
+
+  return jax.tree_util.tree_map_with_path(f, old, is_leaf=is_variable)
+
+
+def apply_with_state(graphdef: Any, adapted: Any, *args, others: tuple = (), method: str | None = None,
+                     dropout_rng: jax.Array | None = None, **kwargs):
+  """Like :func:`apply`, and returns ``(out, updated_others)``.
+
+  ``updated_others`` is a tuple like ``others`` holding the values the call left
+  in those variables: BatchNorm's running statistics, RNG-stream counters
+  (``nnx.Dropout``), caches. Pass it as ``others`` to the next call (two
+  training calls then draw different dropout masks). The params are not
+  returned: they are the inputs, unchanged (the A/B factors train through
+  gradients, not mutation).
+  """
+  fast = _probe(graphdef, adapted, others, method, args, kwargs)
+  out, module = _run(graphdef, merge_unreached(adapted, fast), tuple(others), method, args, kwargs, dropout_rng)
+  return out, tuple(_updated(o, module) for o in others)
 
 
 def apply(graphdef: Any, adapted: Any, *args, others: tuple = (), method: str | None = None,
           dropout_rng: jax.Array | None = None, **kwargs):
   """Calls ``nnx.merge(graphdef, adapted, *others).method(*args, **kwargs)`` with LoRA unmerged.
+
+  Returns only the output; :func:`apply_with_state` also returns the updated
+  ``others`` (BatchNorm statistics, RNG counters), which this call discards.
 
   Args:
     graphdef: from ``nnx.split(model, ...)``.
@@ -150,7 +196,20 @@ def apply(graphdef: Any, adapted: Any, *args, others: tuple = (), method: str | 
     dropout_rng: PRNG key for LoRA dropout; None disables it.
     **kwargs: the call's keyword arguments.
   """
-  fast = _probe(graphdef, adapted, others, method, args, kwargs)
-  module = nnx.merge(graphdef, merge_unreached(adapted, fast), *others)
-  with _intercepted(module, dropout_rng):
-    return _call(module, method, args, kwargs)
+  return apply_with_state(graphdef, adapted, *args, others=others, method=method, dropout_rng=dropout_rng,
+                          **kwargs)[0]
+
+
+def infer_layouts(graphdef: Any, params: Any, *args, others: tuple = (), method: str | None = None,
+                  **kwargs) -> dict[str, str]:
+  """LoRA layouts ('b'/'i'/'o' per axis) of every kernel used as a matmul operand, by tracing.
+
+  The NNX counterpart of :func:`jax_lora.linen.infer_layouts`: 'i' marks the
+  axes a matmul contracts, 'o' the others, 'b' axes that ``nnx.scan``/``nnx.vmap``
+  stack (layers). Pass the result as ``LoraConfig(layouts=...)`` (or
+  ``QuantConfig(layouts=...)``).
+  """
+  def f(p, o):
+    return getattr(nnx.merge(graphdef, p, *o, copy=True), method or "__call__")(*args, **kwargs)
+
+  return {re.escape(p): lay for p, lay in matmul_params(f, params, tuple(others)).items()}

@@ -51,7 +51,8 @@ def loftq_init(w: jax.Array, rank: int, n_iter: int = 1, config: QuantConfig = Q
   root = math.sqrt(scale)
   for _ in range(n_iter):
     q = quantize_array((wf - low).astype(w.dtype), config.scheme, config.block_size, double_quant=config.double_quant,
-                       dq_block_size=config.dq_block_size, axis=config.axis)
+                       dq_block_size=config.dq_block_size,
+                       axis=-2 if config.axis is None else config.axis)
     u, s, vt = jnp.linalg.svd(wf - q.dequantize(jnp.float32), full_matrices=False)
     sr = jnp.sqrt(s[:rank])
     a = u[:, :rank] * sr[None, :] / root
@@ -104,12 +105,15 @@ def merge_quantized(adapted: Any, requantize: bool = False, dtype=None) -> tuple
     dtype: dtype of the float merged kernels (default: the base's original dtype).
 
   Returns:
-    ``(params, report)``: plain params (merged kernels float, or quantized again),
+    ``(params, report)``: plain params (merged kernels float, or quantized again;
+    quantized kernels without an adapter are dequantized unless ``requantize``),
     and ``{path: MergeError}`` for every re-quantized kernel (empty otherwise).
   """
   report: dict[str, MergeError] = {}
 
   def f(path, v):
+    if is_quantized(v) and not requantize:  # no adapter: float too, so the plain model runs
+      return v.dequantize(dtype)
     if not isinstance(v, LoraWeight):
       return v
     merged = merged_kernel(v, jnp.float32)

@@ -7,8 +7,14 @@ jit-friendly and returns the original shape, so ``jax_lora.linen.apply``
 dequantizes each weight inside the step, in the compute dtype.
 
 Memory layout (explicit, tested): the kernel is transposed so that the
-quantized axis (``axis``, the input axis of a Flax ``(in, out)`` kernel) comes
-last, i.e. a 2-D kernel is stored as ``kernel.T`` = PyTorch's ``(out, in)``.
+quantized axes (``axis``: the input axes of the kernel, the axes LoRA's ``A``
+contracts; one int, or a tuple flattened in order) come last, i.e. a 2-D
+``(in, out)`` kernel is stored as ``kernel.T`` = PyTorch's ``(out, in)``.
+:func:`quantize` picks the input axes from the LoRA layout (or
+``QuantConfig.layouts``): a DenseGeneral ``(in, heads, head_dim)`` kernel blocks
+along ``in``, ``(heads, head_dim, out)`` along ``heads·head_dim``, a stacked
+``(layers, in, out)`` or ``(in, layers, out)`` kernel along ``in`` (with one
+double-quantization offset per layer).
 Blocks of ``block_size`` run along that last axis, which is bitsandbytes'
 order: the packed bytes of a 2-D kernel are exactly ``quantize_4bit(W_torch)``'s.
 4-bit codes are packed two per ``uint8``, the first element in the high nibble.
@@ -27,13 +33,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_lora._src.tree import base_of, flat_paths, is_leaf, is_quantized, map_leaves, match_paths, with_base
+from jax_lora._src.tree import (base_of, first_match, is_quantized, leaves, map_leaves, match_paths,
+                                with_base)
 
 __all__ = [
     "NF4_CODE",
@@ -45,6 +53,7 @@ __all__ = [
     "dequantize",
     "bits_report",
     "dynamic_map",
+    "quant_axes",
 ]
 
 # bitsandbytes' NF4 code book, index 0..15 (get_4bit_type('nf4')).
@@ -105,9 +114,20 @@ class QuantConfig:
   block_size: int = 64  # values per absmax constant, along the quantized axis (even, ≥ 2)
   double_quant: bool = True  # quantize the absmax constants too (8-bit dynamic codes, bitsandbytes' scheme)
   dq_block_size: int = 256  # absmax constants per second-level constant
-  targets: tuple[str, ...] | None = None  # regexes fullmatched on "/" paths; None: every ≥2-D "kernel" leaf
+  # regexes fullmatched on "/" paths; None: every ≥2-D "kernel" leaf and every LoRA-adapted base
+  targets: tuple[str, ...] | None = None
   min_size: int = 4096  # with targets=None, smaller kernels stay float
-  axis: int = -2  # kernel axis the blocks run along: the input axis of (in, out) and (layers, in, out) kernels
+  # Kernel axis (int) or axes (tuple, flattened) the blocks run along. None: the kernel's
+  # input axes: the 'i' axes of its LoRA layout or of ``layouts``; else (in, out) -> 0 and,
+  # for other kernels without a layout, the first of (-2,), (0,), (0, 1), ... that a block
+  # divides (the fewest padded values otherwise).
+  axis: int | tuple[int, ...] | None = None
+  # (regex, layout) pairs as in LoraConfig.layouts ('b','i','o' per kernel axis), for
+  # kernels quantized without a LoRA adapter; e.g. jax_lora.linen.infer_layouts' result.
+  layouts: tuple[tuple[str, str], ...] = ()
+  # Padded values allowed per quantized value before quantize() warns (a block size that
+  # does not divide the input axes stores zeros: 0.05 = 5% more bits).
+  max_padding: float = 0.05
   # The dtype a quantized kernel is dequantized to and multiplied in (x is cast to it; LoRA A/B
   # are cast to it inside the matmul, their float32 values and gradients stay float32). None: the
   # layer's compute dtype (Flax ``dtype``, else the input's). Stored on each QuantizedArray.
@@ -122,6 +142,13 @@ class QuantConfig:
       raise ValueError(f"QuantConfig.dq_block_size={self.dq_block_size} must be ≥ 1 (e.g. 256)")
     if isinstance(self.targets, str):
       raise ValueError("QuantConfig.targets must be a tuple of regexes, not a string; wrap it: (pattern,)")
+    lays = self.layouts.items() if isinstance(self.layouts, dict) else self.layouts
+    object.__setattr__(self, "layouts", tuple((str(k), str(v)) for k, v in lays))
+    for pat, lay in self.layouts:
+      if not lay or set(lay) - set("bio") or "i" not in lay:
+        raise ValueError(f"QuantConfig.layouts[{pat!r}]={lay!r}: use one of 'b','i','o' per kernel axis, with an 'i'")
+    if isinstance(self.axis, list):
+      object.__setattr__(self, "axis", tuple(self.axis))
     if self.compute_dtype is not None:
       if not jnp.issubdtype(jnp.dtype(self.compute_dtype), jnp.floating):
         raise ValueError(f"QuantConfig.compute_dtype={self.compute_dtype!r} must be a float dtype "
@@ -157,7 +184,8 @@ class QuantizedArray:
   dq_block_size: int = _field(True, 256)
   shape: tuple[int, ...] = _field(True, ())
   dtype: Any = _field(True, np.dtype(np.float32))
-  axis: int = _field(True, 0)  # non-negative index of the quantized axis in ``shape``
+  # non-negative index of the quantized axis in ``shape``, or a tuple of them (flattened in order)
+  axis: Any = _field(True, 0)
   # dtype the kernel is dequantized to and multiplied in by the LoRA matmul (None: the layer's dtype)
   compute_dtype: Any = _field(True, None)
 
@@ -175,15 +203,24 @@ class QuantizedArray:
     return self.absmax_codes is not None
 
   @property
+  def axes(self) -> tuple[int, ...]:
+    """The quantized axes (``axis`` as a tuple)."""
+    return (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+
+  @property
   def perm(self) -> tuple[int, ...]:
-    """Axis order of the stored layout: the other axes, then the quantized axis."""
-    return tuple(i for i in range(self.ndim) if i != self.axis) + (self.axis,)
+    """Axis order of the stored layout: the other axes, then the quantized axes."""
+    return tuple(i for i in range(self.ndim) if i not in self.axes) + self.axes
+
+  @property
+  def quantized_len(self) -> int:
+    """Number of values along the (flattened) quantized axes."""
+    return math.prod(self.shape[a] for a in self.axes)
 
   @property
   def padded(self) -> int:
-    """Length of the quantized axis after padding to a multiple of ``block_size``."""
-    k = self.shape[self.axis]
-    return -(-k // self.block_size) * self.block_size
+    """Length of the quantized axes after padding to a multiple of ``block_size``."""
+    return -(-self.quantized_len // self.block_size) * self.block_size
 
   def __repr__(self):
     dq = ", double_quant" if self.double_quant else ""
@@ -193,10 +230,11 @@ class QuantizedArray:
   def local(self) -> "QuantizedArray":
     """Self with ``shape``/``axis`` matching the arrays after leading axes were sliced off
     (``nn.scan`` slices every data field but keeps the static metadata)."""
-    k = self.ndim - self.codes.ndim
+    k = self.ndim - len(self.axes) + 1 - self.codes.ndim
     if k <= 0:
       return self
-    return dataclasses.replace(self, shape=self.shape[k:], axis=self.axis - k)
+    ax = self.axis - k if isinstance(self.axis, int) else tuple(a - k for a in self.axis)
+    return dataclasses.replace(self, shape=self.shape[k:], axis=ax)
 
   def scales(self) -> jax.Array:
     """The float32 absmax per block, ``(*rest, K_padded // block_size)`` (reconstructed if double-quantized)."""
@@ -239,7 +277,8 @@ class QuantizedArray:
     shape = c.shape[:-1] + (self.padded,)
     nblk = self.padded // self.block_size
     w = (vals.reshape(shape[:-1] + (nblk, self.block_size)) * self.scales()[..., None]).reshape(shape)
-    w = w[..., :self.shape[self.axis]].astype(dtype)
+    w = w[..., :self.quantized_len].astype(dtype)
+    w = w.reshape(w.shape[:-1] + tuple(self.shape[a] for a in self.axes))
     return jnp.transpose(w, np.argsort(self.perm))
 
   # ---------------------------------------------------------------- sharding
@@ -252,15 +291,18 @@ class QuantizedArray:
     from jax.sharding import PartitionSpec as P
 
     spec = list(kernel_spec) + [None] * (self.ndim - len(kernel_spec))
-    kspec = spec[self.axis]
+    if len(self.axes) > 1 and any(spec[a] is not None for a in self.axes):
+      raise ValueError(f"quantized axes {self.axes} of shape {self.shape} are flattened into blocks; "
+                       "shard another axis of this kernel")
+    kspec = spec[self.axes[0]]
     if kspec is not None:
       names = kspec if isinstance(kspec, tuple) else (kspec,)
       n = math.prod(axis_sizes[a] for a in names)
-      k = self.shape[self.axis]
+      k = self.quantized_len
       if self.padded != k or (k // n) % self.block_size or k % n:
         raise ValueError(f"quantized axis of length {k} split {n} ways cuts {self.block_size}-value blocks; "
                          f"shard another axis or use a block size dividing {k // max(n, 1)}")
-    stored = P(*[spec[i] for i in self.perm])
+    stored = P(*[spec[i] for i in self.perm[:self.ndim - len(self.axes)]], spec[self.axes[0]])
     opt = lambda x, s: None if x is None else s
     return dataclasses.replace(self, codes=stored, absmax=opt(self.absmax, stored),
                                absmax_codes=opt(self.absmax_codes, stored),
@@ -339,8 +381,9 @@ def _double_quantize(absmax: jax.Array, dq_block: int) -> tuple[jax.Array, jax.A
 
 @functools.partial(jax.jit, static_argnames=("scheme", "block_size", "double_quant", "dq_block_size", "axis"))
 def _quantize_jit(w, *, scheme, block_size, double_quant, dq_block_size, axis):
-  perm = tuple(i for i in range(w.ndim) if i != axis) + (axis,)
+  perm = tuple(i for i in range(w.ndim) if i not in axis) + axis
   x = jnp.transpose(w.astype(jnp.float32), perm)
+  x = x.reshape(x.shape[:w.ndim - len(axis)] + (-1,))
   k = x.shape[-1]
   pad = -(-k // block_size) * block_size - k
   if pad:
@@ -361,7 +404,7 @@ def _quantize_jit(w, *, scheme, block_size, double_quant, dq_block_size, axis):
 
 
 def quantize_array(w: Any, scheme: str = "nf4", block_size: int = 64, *, double_quant: bool = True,
-                   dq_block_size: int = 256, axis: int = -2, check_finite: bool = True,
+                   dq_block_size: int = 256, axis: int | tuple[int, ...] = -2, check_finite: bool = True,
                    compute_dtype: Any = None) -> QuantizedArray:
   """Quantizes one float array block-wise (blocks along ``axis``).
 
@@ -372,7 +415,7 @@ def quantize_array(w: Any, scheme: str = "nf4", block_size: int = 64, *, double_
     double_quant: also quantize the absmax constants (8-bit, blocks of ``dq_block_size``).
     dq_block_size: absmax constants per second-level constant.
     axis: the axis blocks run along (default -2: the input axis of an (in, out) kernel;
-      a 1-D array uses axis 0).
+      a 1-D array uses axis 0), or a tuple of axes flattened (in order) into one.
     check_finite: raise on NaN/inf (needs a concrete array; skipped under tracing).
     compute_dtype: the dtype the kernel is dequantized to and multiplied in (None: the
       layer's compute dtype); see :class:`QuantConfig`.
@@ -387,23 +430,54 @@ def quantize_array(w: Any, scheme: str = "nf4", block_size: int = 64, *, double_
     raise ValueError(f"can only quantize float arrays, got dtype {w.dtype}; cast it to float32 first")
   if w.ndim == 0 or w.size == 0:
     raise ValueError(f"cannot quantize an array of shape {w.shape}; keep it in float (exclude it from targets)")
-  ax = axis if w.ndim > 1 else 0
-  if not -w.ndim <= ax < w.ndim:
-    raise ValueError(f"axis {axis} is out of range for shape {w.shape}; pass an axis in [-{w.ndim}, {w.ndim})")
-  ax %= w.ndim
+  axes = (axis if w.ndim > 1 else 0,) if not isinstance(axis, (tuple, list)) else tuple(axis)
+  if not axes or any(not -w.ndim <= a < w.ndim for a in axes) or len({a % w.ndim for a in axes}) != len(axes):
+    raise ValueError(f"axis {axis} is out of range for shape {w.shape}; pass distinct axes in [-{w.ndim}, {w.ndim})")
+  axes = tuple(a % w.ndim for a in axes)
   if check_finite and not isinstance(w, jax.core.Tracer) and not bool(jnp.isfinite(w).all()):
     raise ValueError(f"array of shape {w.shape} has NaN or inf values; fix the weights before quantizing")
   parts = _quantize_jit(w, scheme=scheme, block_size=block_size, double_quant=double_quant,
-                        dq_block_size=dq_block_size, axis=ax)
+                        dq_block_size=dq_block_size, axis=axes)
   return QuantizedArray(**parts, scheme=scheme, block_size=block_size, dq_block_size=dq_block_size,
-                        shape=tuple(w.shape), dtype=np.dtype(w.dtype), axis=ax, compute_dtype=compute_dtype)
+                        shape=tuple(w.shape), dtype=np.dtype(w.dtype), axis=axes[0] if len(axes) == 1 else axes,
+                        compute_dtype=compute_dtype)
 
 
 # ------------------------------------------------------------------------------ pytrees
 
 
-def _default_target(path: str, x: Any, min_size: int) -> bool:
-  return path.split("/")[-1] == "kernel" and len(np.shape(x)) >= 2 and math.prod(np.shape(x)) >= min_size
+def _default_target(path: str, x: Any, min_size: int, adapted: bool = False) -> bool:
+  named = adapted or path.split("/")[-1] == "kernel"  # LoRA-adapted bases whatever their name (Equinox 'weight')
+  return named and len(np.shape(x)) >= 2 and math.prod(np.shape(x)) >= min_size
+
+
+def _guess_axes(shape: tuple[int, ...], block: int) -> tuple[int, ...]:
+  """Input axes of a kernel without a layout: (in, out) -> (0,); otherwise the first of
+  (-2,), (0,), (0, 1), (0, 1, 2)... whose length a block divides, else the least padded."""
+  n = len(shape)
+  if n == 2:
+    return (0,)
+  cands = [(n - 2,), (0,)] + [tuple(range(j)) for j in range(2, n)]
+  pad = lambda ax: -(-math.prod(shape[a] for a in ax) // block) * block / math.prod(shape[a] for a in ax)
+  for ax in cands:
+    if pad(ax) == 1:
+      return ax
+  return min(cands, key=pad)
+
+
+def quant_axes(path: str, v: Any, config: QuantConfig) -> int | tuple[int, ...]:
+  """The axes :func:`quantize` blocks ``v`` (a kernel or LoRA weight at ``path``) along."""
+  if config.axis is not None:
+    return config.axis
+  lay = getattr(v, "layout", None) if getattr(type(v), "wraps_base", False) else None
+  if lay is None:
+    lay = first_match(path, config.layouts)
+  w = base_of(v)
+  if lay is not None and len(lay) == len(w.shape):
+    ax = tuple(i for i, c in enumerate(lay) if c == "i")
+  else:
+    ax = _guess_axes(tuple(w.shape), config.block_size)
+  return ax[0] if len(ax) == 1 else ax
 
 
 def quantize(params: Any, config: QuantConfig = QuantConfig()) -> Any:
@@ -411,27 +485,42 @@ def quantize(params: Any, config: QuantConfig = QuantConfig()) -> Any:
 
   Embeddings, norms, biases and kernels smaller than ``config.min_size`` stay in
   float unless ``config.targets`` names them. Every pattern must match a path.
-  """
-  leaves = {p: base_of(v) for p, v in flat_paths(params, is_leaf=is_leaf).items() if v is not None}
-  if config.targets is None:
-    chosen = {p for p, v in leaves.items() if not is_quantized(v) and _default_target(p, v, config.min_size)}
-  else:
-    chosen = set(match_paths(leaves.keys(), config.targets, what="quantization target"))
+  Blocks run along each kernel's input axes (see ``QuantConfig.axis``); a kernel
+  whose input axes a block does not divide is zero-padded, with a warning naming
+  it when the padding adds more than ``config.max_padding`` of its values.
 
-  def q(x, path):
+  >>> import jax, jax_lora as jl
+  >>> q = jl.quantize({"attn": {"kernel": jax.numpy.ones((64, 4, 16))}})   # DenseGeneral (in, heads, head_dim)
+  >>> q["attn"]["kernel"].axis, round(jl.quant.bits_report(q).bits_per_param, 3)
+  (0, 4.188)
+  """
+  flat = {p: base_of(v) for p, v in leaves(params).items()}
+  if config.targets is None:
+    adapted = {p for p, v in leaves(params).items() if getattr(type(v), "wraps_base", False)}
+    chosen = {p for p, v in flat.items() if not is_quantized(v) and _default_target(p, v, config.min_size, p in adapted)}
+  else:
+    chosen = set(match_paths(flat.keys(), config.targets, what="quantization target"))
+
+  def q(x, path, axis):
     if is_quantized(x):
       raise ValueError(f"{path!r} is already quantized; quantize the float parameters once")
     try:
-      return quantize_array(x, config.scheme, config.block_size, double_quant=config.double_quant,
-                            dq_block_size=config.dq_block_size, axis=config.axis,
-                            compute_dtype=config.compute_dtype)
+      out = quantize_array(x, config.scheme, config.block_size, double_quant=config.double_quant,
+                           dq_block_size=config.dq_block_size, axis=axis, compute_dtype=config.compute_dtype)
     except ValueError as e:
       raise ValueError(f"{path!r}: {e}") from None
+    waste = out.padded / out.quantized_len - 1
+    if waste > config.max_padding:
+      warnings.warn(f"jax_lora.quantize: {path!r} {tuple(x.shape)} blocked along axes {out.axes} "
+                    f"({out.quantized_len} values) is padded by {waste:.0%} to blocks of {config.block_size}; "
+                    "give its layout (QuantConfig(layouts=...)), a block_size dividing its input axes, "
+                    "or exclude it from targets", stacklevel=3)
+    return out
 
   def f(path, v):
     if path not in chosen:
       return v
-    return with_base(v, q(base_of(v), path))
+    return with_base(v, q(base_of(v), path, quant_axes(path, v, config)))
 
   return map_leaves(f, params)
 
@@ -471,7 +560,13 @@ class BitsReport:
 
 
 def _array_bits(x) -> int:
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
   return int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize * 8
+
+
+def _is_array(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype") and not is_quantized(x)
 
 
 def stored_bits(q: QuantizedArray) -> int:
@@ -480,12 +575,16 @@ def stored_bits(q: QuantizedArray) -> int:
 
 
 def bits_report(tree: Any) -> BitsReport:
-  """Measures stored bits per parameter for a tree holding quantized arrays (LoRA a/b excluded)."""
+  """Measures stored bits per parameter for a tree holding quantized arrays (LoRA a/b excluded).
+
+  Works on Linen dicts, NNX ``State``s and Equinox modules: array leaves count
+  (PRNG keys by their key data); other leaves (functions, ints, None) are skipped.
+  """
   qp = qb = fp = fb = 0
   per = {}
-  for path, v in flat_paths(tree, is_leaf=is_leaf).items():
+  for path, v in leaves(tree).items():
     v = base_of(v)
-    if v is None:
+    if v is None or not (is_quantized(v) or _is_array(v)):
       continue
     if is_quantized(v):
       bits = stored_bits(v)
