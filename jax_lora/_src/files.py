@@ -184,13 +184,15 @@ def read_mark(folder: str) -> dict | None:
 
 def mark_output(folder: str, command: str, names: list[str] | None = None, managed: tuple[str, ...] = ()) -> None:
   """Records in ``folder/OUTPUT_MARK`` that ``command`` wrote ``names`` (default: every file
-  there) as they are now; ``managed`` names are ours whatever they become (appended logs,
-  checkpoint folders)."""
+  there) as they are now, keeping the earlier records of the same command; ``managed``
+  names are ours whatever they become (appended logs, checkpoint folders)."""
   if names is None:
     names = [n for n in os.listdir(folder) if n != OUTPUT_MARK and os.path.isfile(os.path.join(folder, n))]
-  files: dict[str, Any] = {n: _stat(os.path.join(folder, n)) for n in sorted(names)
-                           if os.path.isfile(os.path.join(folder, n))}
+  prev = read_mark(folder)
+  files: dict[str, Any] = dict(prev["files"]) if prev and prev.get("written_by") == f"jax-lora {command}" else {}
+  files.update({n: _stat(os.path.join(folder, n)) for n in names if os.path.isfile(os.path.join(folder, n))})
   files.update({n: "managed" for n in managed})
+  files = {n: files[n] for n in sorted(files)}
   write_text(os.path.join(folder, OUTPUT_MARK), json.dumps({"written_by": f"jax-lora {command}", "files": files},
                                                            indent=1))
 
