@@ -122,6 +122,18 @@ def test_seq_len_shorter_than_prompts_refused_before_training(tiny, tmp_path, ca
   assert "of 256 examples" in err and not (out / "checkpoints").exists()
 
 
+def test_few_cut_examples_kept_and_counted_many_refused(tiny):
+  from transformers import AutoTokenizer
+
+  tok = AutoTokenizer.from_pretrained(tiny.folder)
+  short = {"prompt": "copy w1 :", "completion": " w1"}
+  long = {"prompt": "copy " + " ".join(["w2"] * 12) + " :", "completion": " w2"}
+  ex = td.tokenize_rows(tok, [short] * 97 + [long] * 3, 8, where="x.jsonl")
+  assert td.no_target(ex) == 3 and len(ex) == 100 and max(len(e) for e in ex) == 8
+  with pytest.raises(ValueError, match=r"cuts off the whole completion of 6 of 100 examples in x.jsonl.*at least 15"):
+    td.tokenize_rows(tok, [short] * 94 + [long] * 6, 8, where="x.jsonl")
+
+
 @pytest.mark.parametrize("case", ["empty_train", "empty_validation", "bad_line", "array_line"])
 def test_bad_data_is_one_line(tiny, tmp_path, capsys, case):
   bad = tmp_path / "bad.jsonl"

@@ -31,6 +31,8 @@ __all__ = [
     "load_rows",
     "tokenize_row",
     "tokenize_rows",
+    "no_target",
+    "MAX_CUT",
     "pad_batch",
     "pack_rows",
     "Batcher",
@@ -133,22 +135,33 @@ def tokenize_row(tokenizer: Any, row: dict[str, str], seq_len: int) -> Example:
   return Example(np.asarray(ids[:seq_len], np.int32), np.asarray(mask[:seq_len], np.int32))
 
 
+# Largest share of examples whose whole completion may fall beyond seq_len (kept: no loss, no gradient).
+MAX_CUT = 0.05
+
+
 def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, str]], seq_len: int, where: str | None = None) -> list[Example]:
   """:func:`tokenize_row` for every row.
 
-  With ``where`` (the file's name), rows whose every target token falls beyond
-  ``seq_len`` (a prompt of ``seq_len`` tokens or more: the whole completion cut off,
-  nothing to learn) are refused with one line counting them, before any training.
+  With ``where`` (the file's name): when more than :data:`MAX_CUT` of the rows lose
+  every target token to ``seq_len`` (a prompt of ``seq_len`` tokens or more: the whole
+  completion cut off, nothing to learn), they are refused with one line counting
+  them, before any training. Fewer stay in (they add no loss and no gradient) and
+  are counted by :func:`no_target`.
   """
   out = [tokenize_row(tokenizer, r, 1 << 30) for r in rows]
   if where is not None:
     cut = [e for e in out if e.loss_mask[:seq_len].sum() == 0]
-    if cut:
+    if len(cut) > MAX_CUT * len(out):
       need = max(int(np.nonzero(e.loss_mask)[0][0]) + 1 for e in cut if e.loss_mask.any())
       raise ValueError(f"seq_len {seq_len} cuts off the whole completion of {len(cut)} of {len(out)} examples in "
                        f"{where} (their prompts fill seq_len); raise seq_len to at least {need} (the longest "
                        f"example has {max(len(e) for e in out)} tokens) or shorten those prompts")
   return [Example(e.ids[:seq_len], e.loss_mask[:seq_len]) for e in out]
+
+
+def no_target(examples: Sequence[Example]) -> int:
+  """How many examples have no target token (their completion cut off by seq_len)."""
+  return sum(1 for e in examples if not e.loss_mask.any())
 
 
 def padded_length(n: int, bucket: int, seq_len: int) -> int:

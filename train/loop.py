@@ -418,6 +418,8 @@ class _Data:
 
   batcher: Any
   train_examples: int
+  # Training examples with no target token (their completion beyond seq_len; kept, no loss).
+  no_target: int
   val_batches: list
   test_rows: list
 
@@ -439,7 +441,7 @@ def _load_data(cfg: TrainConfig, tok) -> _Data:
   test_rows = []
   if paths["test"] and cfg.eval.num_test:
     test_rows = [r for r in td.load_rows(paths["test"]) if "prompt" in r][: cfg.eval.num_test]
-  return _Data(batcher, len(train_ex), val_batches, test_rows)
+  return _Data(batcher, len(train_ex), td.no_target(train_ex), val_batches, test_rows)
 
 
 def _metrics_row(event: str, step: int, scores: dict) -> dict:
@@ -500,7 +502,8 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None, on_change: str
   step_fn = make_train_step(loss_fn, tx, put_batch, loss_bucket=max(16, cfg.seq_len // 2), offload=offload)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
   _log(cfg.out_dir, {"event": "setup", "model": model_path, "method": cfg.method,
-                     "train_examples": data.train_examples, "steps": steps, "trainable_params": n_train,
+                     "train_examples": data.train_examples, "no_target_examples": data.no_target,
+                     "steps": steps, "trainable_params": n_train,
                      "resumed_from": start,
                      "total_params": n_train if frozen is None else jl.param_report(jl.combine(trainable, frozen)).total,
                      "setup_s": round(time.perf_counter() - t0, 1)})
