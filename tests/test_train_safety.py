@@ -160,3 +160,45 @@ def test_disk_full_and_missing_extra_are_one_line(tiny, tmp_path, capsys, monkey
   monkeypatch.setitem(sys.modules, "transformers", None)
   rc, err = cli(capsys, tmp_path, tiny.cfg(tmp_path / "nohf", steps=2, **FAST))
   assert rc == 1 and "pip install 'jax-lora[hf]'" in err, err
+
+
+def test_non_finite_gradient_step_changes_nothing():
+  import jax.numpy as jnp
+  import optax
+
+  def loss_fn(trainable, frozen, batch, rng):  # finite loss, infinite gradient at w == 0
+    return jnp.sum(jnp.sqrt(jnp.abs(trainable["w"]))), jnp.asarray(1.0)
+
+  step = tl.make_train_step(loss_fn, optax.adam(0.1))
+  batch = {"input_ids": np.ones((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int32),
+           "loss_mask": np.ones((1, 4), np.int32)}
+  w = {"w": jnp.asarray([0.0, 1.0])}
+  new, state, loss = step(w, optax.adam(0.1).init(w), None, batch, None)
+  assert not bool(step.finite) and np.isfinite(float(loss))
+  np.testing.assert_array_equal(new["w"], [0.0, 1.0])
+  assert int(state[0].count) == 0  # the optimizer state did not advance either
+  w = {"w": jnp.asarray([4.0, 1.0])}
+  new, _, _ = step(w, optax.adam(0.1).init(w), None, batch, None)
+  assert bool(step.finite) and not np.array_equal(new["w"], [4.0, 1.0])
+
+
+def test_run_folder_of_an_older_version_is_adopted(tmp_path):
+  from jax_lora_app import outdir
+
+  cfg = {"optim": {"lr": 0.01}, "lora": {"rank": 4, "rank_pattern": {}}, "out_dir": "a"}
+  run = tmp_path / "old"
+  (run / "adapter").mkdir(parents=True)
+  (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+  (run / "adapter" / "adapter_config.json").write_text("{}")
+  (run / "metrics.jsonl").write_text("")
+  assert outdir.prepare(str(run), {**cfg, "out_dir": "b", "log_every": 5}) == []
+  assert (run / OUTPUT_MARK).exists() and (run / "adapter" / OUTPUT_MARK).exists()
+  assert outdir.prepare(str(run), {**cfg, "lora": {"rank": 8, "rank_pattern": {"q": 2}}}, "resume") == [
+      "lora.rank 4 → 8", "lora.rank_pattern {} → {'q': 2}"]
+  other = tmp_path / "other"
+  (other / "adapter").mkdir(parents=True)
+  (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+  (other / "adapter" / "README.md").write_text("mine")
+  with pytest.raises(ValueError, match="is not a jax-lora training run"):
+    outdir.prepare(str(other), cfg)
+  assert not (other / OUTPUT_MARK).exists()
