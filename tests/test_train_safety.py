@@ -202,3 +202,18 @@ def test_run_folder_of_an_older_version_is_adopted(tmp_path):
   with pytest.raises(ValueError, match="is not a jax-lora training run"):
     outdir.prepare(str(other), cfg)
   assert not (other / OUTPUT_MARK).exists()
+
+
+def test_checkpoint_disk_full_is_an_oserror():
+  class Full:
+    directory = "/x/checkpoints"
+
+    def save(self, *a, **k):
+      try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+      except OSError as e:
+        raise RuntimeError("tensorstore write failed") from e
+
+  with pytest.raises(OSError) as e:
+    tl._save(Full(), 1, {"a": np.zeros(2)}, {"b": np.zeros(2)})
+  assert e.value.errno == errno.ENOSPC and e.value.filename == "/x/checkpoints"

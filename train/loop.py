@@ -9,13 +9,16 @@ so a run resumed from a checkpoint sees the same batches as an uninterrupted one
 Files in ``out_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl``
 (one JSON object per log/eval event), ``checkpoints/`` (orbax, resumable),
 ``adapter/`` (PEFT LoRA folder) or ``model/`` (full fine-tuning, HF folder),
-``results.json`` (validation loss and test scores before and after).
+``results.json`` (validation loss and test scores before and after),
+``.jax-lora-output.json`` (what the run wrote: see :mod:`.outdir`, which refuses a
+user's files and a changed config before anything runs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -319,7 +322,8 @@ def _checkpointer(out_dir: str):
   # synchronous: every save is waited for anyway, and a failed write (disk full) is then one
   # exception in this thread instead of tracebacks from background threads
   return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+                               options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def _by_path(tree) -> dict[str, Any]:
@@ -340,8 +344,23 @@ def _from_paths(tree, stored: dict) -> Any:
 def _save(mngr, step: int, trainable, opt_state) -> None:
   import orbax.checkpoint as ocp
 
-  mngr.save(step, args=ocp.args.StandardSave({"trainable": _by_path(trainable), "opt_state": _by_path(opt_state)}))
-  mngr.wait_until_finished()
+  try:
+    mngr.save(step, args=ocp.args.StandardSave({"trainable": _by_path(trainable), "opt_state": _by_path(opt_state)}))
+    mngr.wait_until_finished()
+  except Exception as e:  # orbax/tensorstore wrap a full disk in their own exception types
+    if _disk_full(e):
+      raise OSError(errno.ENOSPC, "No space left on device", str(mngr.directory)) from None
+    raise
+
+
+def _disk_full(e: BaseException | None) -> bool:
+  """Whether ``e`` or an exception it was raised from is a full disk (ENOSPC)."""
+  seen = 0
+  while e is not None and seen < 20:
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+      return True
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return False
 
 
 def _restore(mngr, trainable, opt_state, changed: Sequence[str] = ()):
@@ -355,15 +374,37 @@ def _restore(mngr, trainable, opt_state, changed: Sequence[str] = ()):
     return 0, trainable, opt_state
   target = {"trainable": _by_path(trainable), "opt_state": _by_path(opt_state)}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  why = f"changed: {'; '.join(changed)}" if changed else None
+  mismatch = _shape_mismatch(mngr, step, abstract)
+  if mismatch:  # found from the metadata: no restore started (orbax would leave half-read arrays behind)
+    raise ValueError(f"the checkpoint at step {step} in {mngr.directory} does not fit this config's parameters "
+                     f"({why or mismatch}); pass --fresh to start over or choose a new out_dir")
   try:
     got = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
     return step, _from_paths(trainable, got["trainable"]), _from_paths(opt_state, got["opt_state"])
   except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a mismatch
     if isinstance(e, OSError) and e.errno is not None:
       raise
-    why = f"changed: {'; '.join(changed)}" if changed else f"{type(e).__name__}"
     raise ValueError(f"the checkpoint at step {step} in {mngr.directory} does not fit this config's parameters "
-                     f"({why}); pass --fresh to start over or choose a new out_dir") from None
+                     f"({why or type(e).__name__}); pass --fresh to start over or choose a new out_dir") from None
+
+
+def _shape_mismatch(mngr, step: int, abstract) -> str | None:
+  """The first path whose stored shape/dtype differs from ``abstract``'s (or is missing), or None."""
+  from flax import traverse_util
+
+  try:
+    stored = traverse_util.flatten_dict(dict(mngr.item_metadata(step)))
+  except Exception:  # noqa: BLE001 - no readable metadata: let restore decide
+    return None
+  want = traverse_util.flatten_dict(abstract)
+  for k in sorted(set(want) | set(stored)):
+    a, b = want.get(k), stored.get(k)
+    if a is None or b is None:
+      return f"{'/'.join(k)} is {'missing from the checkpoint' if b is None else 'not in this config'}"
+    if tuple(a.shape) != tuple(getattr(b, "shape", ())) or str(a.dtype) != str(getattr(b, "dtype", a.dtype)):
+      return f"{'/'.join(k)}: checkpoint {tuple(b.shape)} {b.dtype}, config {tuple(a.shape)} {a.dtype}"
+  return None
 
 
 def _shard(cfg: TrainConfig, tx, trainable, frozen, opt_state):
