@@ -4,8 +4,10 @@ The app's entry point (installed as ``jax_lora_app``; the library ``jax_lora``
 never imports it).
 
 Every command exits 0 on success; on bad input it prints one line on stderr
-and exits 1 (2 for a malformed command line). Output folders are written
-atomically (a temporary folder renamed into place).
+and exits 1 (2 for a malformed command line, 130 when interrupted). Output
+folders are written atomically (a temporary folder renamed into place) and
+never replace the inputs or a folder of a user's files (``--overwrite`` allows
+the latter), see :func:`jax_lora.files.output_folder`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main", "build_parser", "read_texts", "model_folder", "evaluate", "inspect_model", "quantize_model"]
+__all__ = ["main", "build_parser", "read_texts", "model_folder", "evaluate", "inspect_model", "quantize_model", "merge",
+           "check_safetensors", "os_error_line"]
 
 
 # Top-level modules of the [hf] extra: the CLI names the extra when one is missing.
@@ -106,6 +109,7 @@ def evaluate(model_dir: str, data: str, adapter: str | None = None, batch_size: 
   model, variables, config = load_hf(model_dir)
   params = variables["params"]
   if adapter is not None:
+    check_safetensors(adapter)
     params = jl.load_peft(adapter, params, config.model_type)
   cap = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1 << 30
   seqs = [list(tok(t)["input_ids"]) for t in texts]
@@ -133,6 +137,9 @@ def evaluate(model_dir: str, data: str, adapter: str | None = None, batch_size: 
   if count == 0:
     raise CliError(f"no token to predict in {data}: every text tokenizes to fewer than 2 tokens")
   loss = total / count
+  if not math.isfinite(loss):
+    raise CliError(f"the loss on {data} is {loss} (not finite): the model{' or adapter' if adapter else ''} "
+                   "holds non-finite weights (a diverged training run?)")
   return {"loss": loss, "tokens": count, "perplexity": math.exp(min(loss, 700.0)), "texts": len(texts)}
 
 
@@ -207,15 +214,21 @@ def inspect_model(model_dir: str, config_yaml: str | None = None):
 # ----------------------------------------------------------------------------- quantize
 
 
-def quantize_model(model_dir: str, out: str, double_quant: bool = False) -> dict[str, Any]:
-  """Writes the model's linear weights in bitsandbytes' NF4 safetensors layout (others unchanged)."""
+def quantize_model(model_dir: str, out: str, double_quant: bool = False, overwrite: bool = False) -> dict[str, Any]:
+  """Writes the model's linear weights in bitsandbytes' NF4 safetensors layout (others unchanged).
+
+  ``out`` is written by :func:`jax_lora.files.output_folder`: never the model's own
+  folder, a non-empty folder only when it is an earlier ``quantize`` output (or ``overwrite``).
+  """
   from jax_lora import bnb
-  from jax_lora.files import CONV1D_MODEL_TYPES, atomic_folder, copy_side_files, read_safetensors, save_tensors
+  from jax_lora.files import CONV1D_MODEL_TYPES, check_output_folder, copy_side_files, output_folder
+  from jax_lora.files import read_safetensors, save_tensors
 
   model_dir = model_folder(model_dir)
   cfg_path = os.path.join(model_dir, "config.json")
   if not os.path.isfile(cfg_path):
     raise CliError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
+  check_output_folder(out, "quantize", (model_dir,), overwrite)  # before the slow part
   with open(cfg_path) as f:
     hf_config = json.load(f)
   tensors = read_safetensors(model_dir)
@@ -226,7 +239,7 @@ def quantize_model(model_dir: str, out: str, double_quant: bool = False) -> dict
     # Conv1D stores (in, out); bitsandbytes (as transformers quantizes it) stores (out, in)
     tensors = {k: (v.T if k in set(linear) else v) for k, v in tensors.items()}
   out_tensors, qconfig = bnb.quantize_state_dict(tensors, linear, blocksize=64, double_quant=double_quant)
-  with atomic_folder(out) as tmp:
+  with output_folder(out, "quantize", (model_dir,), overwrite) as tmp:
     copy_side_files(model_dir, tmp)
     cfg = dict(hf_config)
     cfg["quantization_config"] = qconfig
@@ -255,6 +268,52 @@ def _linear_keys(tensors, hf_config) -> list[str]:
 # ----------------------------------------------------------------------------- entry point
 
 
+_OVERWRITE_HELP = ("replace a non-empty --out that this command did not write (its files are deleted); "
+                   "without it such a folder is refused. An earlier output of the same command is always replaced")
+
+
+def os_error_line(e: OSError) -> str:
+  """One line for an OSError: disk full and permission problems say what to do."""
+  import errno
+
+  where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+  if e.errno == errno.ENOSPC:
+    return f"no space left on the device{where}; free space or write to another disk (nothing half-written was kept)"
+  if e.errno == errno.EDQUOT:
+    return f"disk quota exceeded{where}; free space or write to another disk"
+  if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    return f"no permission{where} ({e.strerror}); choose a writable folder"
+  return " ".join(str(e).split()) or type(e).__name__
+
+
+def merge(base: str, adapter: str, out: str, dtype: str | None = None, overwrite: bool = False) -> None:
+  """``jax-lora merge``: :func:`jax_lora.peft.merge_adapter_files` into a safe output folder.
+
+  ``out`` may not be (or lie inside, or contain) ``base`` or ``adapter``; a non-empty
+  ``out`` is replaced only when it is an earlier ``merge`` output or with ``overwrite``;
+  a merged tensor with NaN/inf is refused (nothing is written).
+  """
+  from jax_lora.files import check_output_folder, output_folder
+  from jax_lora.peft import merge_adapter_files
+
+  check_output_folder(out, "merge", (base, adapter), overwrite)
+  check_safetensors(adapter)
+  with output_folder(out, "merge", (base, adapter), overwrite) as tmp:
+    merge_adapter_files(base, adapter, tmp, dtype)
+
+
+def check_safetensors(folder: str) -> None:
+  """Opens every safetensors file of ``folder`` (headers only): a truncated or garbage
+  file is a one-line error naming it."""
+  import glob
+
+  from jax_lora.files import open_safetensors
+
+  for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+    with open_safetensors(path):
+      pass
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="jax-lora", description="LoRA/QLoRA for JAX: merge, evaluate, quantize and inspect models.")
   sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -263,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder")
   m.add_argument("--out", required=True, help="output model folder (written atomically)")
   m.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="cast floating tensors")
+  m.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
   e = sub.add_parser("eval", help="mean next-token loss / perplexity of a text file")
   e.add_argument("--model", required=True, help="Hugging Face model folder, .gguf file or shipped name (smollm2-135m, gemma3-270m)")
   e.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder")
@@ -272,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--model", required=True, help="Hugging Face model folder, .gguf file or shipped name (smollm2-135m, gemma3-270m)")
   q.add_argument("--out", required=True, help="output folder (written atomically)")
   q.add_argument("--double-quant", action="store_true", help="also quantize the absmax statistics")
+  q.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
   i = sub.add_parser("inspect", help="table of LoRA-targeted modules and parameter counts")
   i.add_argument("--model", required=True, help="Hugging Face model folder, .gguf file or shipped name (smollm2-135m, gemma3-270m)")
   i.add_argument("--config", default=None, help="YAML with a 'lora' section (default: all linear, r=8)")
@@ -292,13 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       return int(compare.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     if args.command == "merge":
-      from jax_lora.peft import merge_adapter_files
-      merge_adapter_files(model_folder(args.base), args.adapter, args.out, args.dtype)
+      merge(model_folder(args.base), args.adapter, args.out, args.dtype, args.overwrite)
       print(json.dumps({"merged": args.out}))
     elif args.command == "eval":
-      print(json.dumps(evaluate(args.model, args.data, args.adapter, args.batch_size)))
+      print(json.dumps(evaluate(args.model, args.data, args.adapter, args.batch_size), allow_nan=False))
     elif args.command == "quantize":
-      print(json.dumps({"out": args.out, **quantize_model(args.model, args.out, args.double_quant)}))
+      print(json.dumps({"out": args.out, **quantize_model(args.model, args.out, args.double_quant, args.overwrite)}))
     elif args.command == "inspect":
       print(inspect_model(args.model, args.config).table())
     return 0
@@ -306,7 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     hint = " install the checkpoint/data stack: pip install 'jax-lora[hf]'" if e.name in _HF_EXTRA else ""
     print(f"jax-lora: error: {e};{hint}" if hint else f"jax-lora: error: {e}", file=sys.stderr)
     return 1
-  except (ValueError, OSError) as e:  # bad input: the message says what to fix
+  except KeyboardInterrupt:
+    print("jax-lora: interrupted; no output was written (outputs appear only when complete)", file=sys.stderr)
+    return 130
+  except OSError as e:
+    print(f"jax-lora: error: {os_error_line(e)}", file=sys.stderr)
+    return 1
+  except ValueError as e:  # bad input: the message says what to fix
     msg = " ".join(str(e).split()) or type(e).__name__
     print(f"jax-lora: error: {msg}", file=sys.stderr)
     return 1

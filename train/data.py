@@ -18,7 +18,9 @@ batches an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +31,8 @@ __all__ = [
     "load_rows",
     "tokenize_row",
     "tokenize_rows",
+    "no_target",
+    "MAX_CUT",
     "pad_batch",
     "pack_rows",
     "Batcher",
@@ -52,30 +56,49 @@ class Example:
 
 
 def load_rows(path: str) -> list[dict[str, str]]:
-  """Rows of a jsonl file, loaded with HF ``datasets`` and checked for one of the two formats.
+  """Rows of a jsonl file (one JSON object per non-empty line), checked for one of the two formats.
+
+  The format is ``prompt``/``completion`` when any row has both keys, else ``text``;
+  every row must then have string values for those keys.
 
   Raises:
-    ValueError: a row with neither a string ``text`` nor string ``prompt`` and ``completion``.
+    ValueError: one line naming ``path:line``: a line that is not a JSON object, a row
+      without the format's string fields, or a file with no rows.
   """
-  import datasets
-
-  ds = datasets.load_dataset("json", data_files=path, split="train")
-  cols = set(ds.column_names)
+  if not os.path.isfile(path):
+    raise ValueError(f"data file {path} does not exist")
+  objs = []
+  with open(path, encoding="utf-8") as f:
+    try:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{n} is not valid JSON ({e.msg} at column {e.colno}); "
+                           "each line must be one JSON object") from None
+        if not isinstance(row, dict):
+          raise ValueError(f"{path}:{n} is a JSON {type(row).__name__}, not an object; "
+                           "each line must be one JSON object like {\"text\": ...}")
+        objs.append((n, row))
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+  if not objs:
+    raise ValueError(f"{path} holds no rows; give a jsonl file with one JSON object per line")
+  cols = set().union(*(r.keys() for _, r in objs))
   if {"prompt", "completion"} <= cols:
     keys = ("prompt", "completion")
   elif "text" in cols:
     keys = ("text",)
   else:
     raise ValueError(f"{path}: rows need a 'text' field or 'prompt' and 'completion' fields; found {sorted(cols)}")
-  columns = {k: ds[k] for k in keys}
   rows = []
-  for i in range(len(ds)):
-    row = {k: columns[k][i] for k in keys}
+  for n, r in objs:
+    row = {k: r.get(k) for k in keys}
     if not all(isinstance(v, str) for v in row.values()):
-      raise ValueError(f"{path}: row {i + 1} has a non-string {' or '.join(keys)} field; every row needs strings")
+      raise ValueError(f"{path}:{n} has no string {' and '.join(repr(k) for k in keys)} field; every row needs them")
     rows.append(row)
-  if not rows:
-    raise ValueError(f"{path} holds no rows")
   return rows
 
 
@@ -112,9 +135,33 @@ def tokenize_row(tokenizer: Any, row: dict[str, str], seq_len: int) -> Example:
   return Example(np.asarray(ids[:seq_len], np.int32), np.asarray(mask[:seq_len], np.int32))
 
 
-def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, str]], seq_len: int) -> list[Example]:
-  """:func:`tokenize_row` for every row."""
-  return [tokenize_row(tokenizer, r, seq_len) for r in rows]
+# Largest share of examples whose whole completion may fall beyond seq_len (kept: no loss, no gradient).
+MAX_CUT = 0.05
+
+
+def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, str]], seq_len: int, where: str | None = None) -> list[Example]:
+  """:func:`tokenize_row` for every row.
+
+  With ``where`` (the file's name): when more than :data:`MAX_CUT` of the rows lose
+  every target token to ``seq_len`` (a prompt of ``seq_len`` tokens or more: the whole
+  completion cut off, nothing to learn), they are refused with one line counting
+  them, before any training. Fewer stay in (they add no loss and no gradient) and
+  are counted by :func:`no_target`.
+  """
+  out = [tokenize_row(tokenizer, r, 1 << 30) for r in rows]
+  if where is not None:
+    cut = [e for e in out if e.loss_mask[:seq_len].sum() == 0]
+    if len(cut) > MAX_CUT * len(out):
+      need = max(int(np.nonzero(e.loss_mask)[0][0]) + 1 for e in cut if e.loss_mask.any())
+      raise ValueError(f"seq_len {seq_len} cuts off the whole completion of {len(cut)} of {len(out)} examples in "
+                       f"{where} (their prompts fill seq_len); raise seq_len to at least {need} (the longest "
+                       f"example has {max(len(e) for e in out)} tokens) or shorten those prompts")
+  return [Example(e.ids[:seq_len], e.loss_mask[:seq_len]) for e in out]
+
+
+def no_target(examples: Sequence[Example]) -> int:
+  """How many examples have no target token (their completion cut off by seq_len)."""
+  return sum(1 for e in examples if not e.loss_mask.any())
 
 
 def padded_length(n: int, bucket: int, seq_len: int) -> int:

@@ -9,14 +9,19 @@ so a run resumed from a checkpoint sees the same batches as an uninterrupted one
 Files in ``out_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl``
 (one JSON object per log/eval event), ``checkpoints/`` (orbax, resumable),
 ``adapter/`` (PEFT LoRA folder) or ``model/`` (full fine-tuning, HF folder),
-``results.json`` (validation loss and test scores before and after).
+``results.json`` (validation loss and test scores before and after),
+``.jax-lora-output.json`` (what the run wrote: see :mod:`.outdir`, which refuses a
+user's files and a changed config before anything runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -48,6 +53,7 @@ __all__ = [
     "load_model",
     "generate_texts",
     "train",
+    "TrainingStopped",
 ]
 
 
@@ -155,6 +161,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   """Jitted ``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, loss)``.
 
   The gradient is of the token-mean loss of the batch, taken w.r.t. ``trainable`` only.
+  A step whose loss, gradients or new parameters are not all finite changes nothing
+  (``trainable`` and ``opt_state`` come back as they were) and sets ``step.finite``
+  (a device bool, the last call's) to False: the caller stops with the last good state.
   Each batch shape is compiled ahead of time, once (``jit(...).lower(...).compile()``);
   after a call, ``step.compile_s`` is the seconds that call spent compiling (0.0 when
   it reused an executable), so step times can leave compiles out.
@@ -171,10 +180,13 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       if offload.get("frozen"):
         frozen = jax.device_put(frozen, offload["frozen"][0])
     loss, grads = jax.value_and_grad(mean_loss)(trainable, frozen, batch, rng)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
+    updates, new_state = tx.update(grads, opt_state, trainable)
+    new = optax.apply_updates(trainable, updates)
+    ok = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new)
+    new, new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), (new, new_state), (trainable, opt_state))
     if offload:
-      opt_state = jax.device_put(opt_state, offload["opt"][1])
-    return optax.apply_updates(trainable, updates), opt_state, loss
+      new_state = jax.device_put(new_state, offload["opt"][1])
+    return new, new_state, loss, ok
 
   executables: dict[Any, Any] = {}
 
@@ -188,11 +200,28 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       t = time.perf_counter()
       executables[key] = jitted.lower(trainable, opt_state, frozen, batch, rng).compile()
       step.compile_s = time.perf_counter() - t
-    return executables[key](trainable, opt_state, frozen, batch, rng)
+    trainable, opt_state, loss, step.finite = executables[key](trainable, opt_state, frozen, batch, rng)
+    return trainable, opt_state, loss
 
   step.jitted = jitted
   step.compile_s = 0.0
+  step.finite = True
   return step
+
+
+def _all_finite(tree) -> jax.Array:
+  """True when every floating leaf of ``tree`` is finite (integer leaves, e.g. counters, pass)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+class TrainingStopped(ValueError):
+  """A run that stopped early on purpose (divergence, Ctrl-C): its message is the one line to
+  print, ``exit_code`` the command's status (1; 130 for Ctrl-C)."""
+
+  def __init__(self, message: str, exit_code: int = 1):
+    super().__init__(message)
+    self.exit_code = exit_code
 
 
 def offload_state(kind: str, opt_state, frozen):
@@ -282,8 +311,11 @@ def _log(out_dir: str, record: dict) -> None:
 def _checkpointer(out_dir: str):
   import orbax.checkpoint as ocp
 
+  # synchronous: every save is waited for anyway, and a failed write (disk full) is then one
+  # exception in this thread instead of tracebacks from background threads
   return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=2))
+                               options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def _by_path(tree) -> dict[str, Any]:
@@ -304,12 +336,29 @@ def _from_paths(tree, stored: dict) -> Any:
 def _save(mngr, step: int, trainable, opt_state) -> None:
   import orbax.checkpoint as ocp
 
-  mngr.save(step, args=ocp.args.StandardSave({"trainable": _by_path(trainable), "opt_state": _by_path(opt_state)}))
-  mngr.wait_until_finished()
+  try:
+    mngr.save(step, args=ocp.args.StandardSave({"trainable": _by_path(trainable), "opt_state": _by_path(opt_state)}))
+    mngr.wait_until_finished()
+  except Exception as e:  # orbax/tensorstore wrap a full disk in their own exception types
+    if _disk_full(e):
+      raise OSError(errno.ENOSPC, "No space left on device", str(mngr.directory)) from None
+    raise
 
 
-def _restore(mngr, trainable, opt_state):
-  """``(step, trainable, opt_state)`` from the latest checkpoint, or ``(0, ...)`` unchanged."""
+def _disk_full(e: BaseException | None) -> bool:
+  """Whether ``e`` or an exception it was raised from is a full disk (ENOSPC)."""
+  seen = 0
+  while e is not None and seen < 20:
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+      return True
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return False
+
+
+def _restore(mngr, trainable, opt_state, changed: Sequence[str] = ()):
+  """``(step, trainable, opt_state)`` from the latest checkpoint, or ``(0, ...)`` unchanged.
+
+  ``changed``: the config keys that differ from the checkpointed run (named when it does not fit)."""
   import orbax.checkpoint as ocp
 
   step = mngr.latest_step()
@@ -317,12 +366,37 @@ def _restore(mngr, trainable, opt_state):
     return 0, trainable, opt_state
   target = {"trainable": _by_path(trainable), "opt_state": _by_path(opt_state)}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  why = f"changed: {'; '.join(changed)}" if changed else None
+  mismatch = _shape_mismatch(mngr, step, abstract)
+  if mismatch:  # found from the metadata: no restore started (orbax would leave half-read arrays behind)
+    raise ValueError(f"the checkpoint at step {step} in {mngr.directory} does not fit this config's parameters "
+                     f"({why or mismatch}); pass --fresh to start over or choose a new out_dir")
   try:
     got = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError, TypeError) as e:
+    return step, _from_paths(trainable, got["trainable"]), _from_paths(opt_state, got["opt_state"])
+  except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a mismatch
+    if isinstance(e, OSError) and e.errno is not None:
+      raise
     raise ValueError(f"the checkpoint at step {step} in {mngr.directory} does not fit this config's parameters "
-                     f"({type(e).__name__}); use a new out_dir") from None
-  return step, _from_paths(trainable, got["trainable"]), _from_paths(opt_state, got["opt_state"])
+                     f"({why or type(e).__name__}); pass --fresh to start over or choose a new out_dir") from None
+
+
+def _shape_mismatch(mngr, step: int, abstract) -> str | None:
+  """The first path whose stored shape/dtype differs from ``abstract``'s (or is missing), or None."""
+  from flax import traverse_util
+
+  try:
+    stored = traverse_util.flatten_dict(dict(mngr.item_metadata(step)))
+  except Exception:  # noqa: BLE001 - no readable metadata: let restore decide
+    return None
+  want = traverse_util.flatten_dict(abstract)
+  for k in sorted(set(want) | set(stored)):
+    a, b = want.get(k), stored.get(k)
+    if a is None or b is None:
+      return f"{'/'.join(k)} is {'missing from the checkpoint' if b is None else 'not in this config'}"
+    if tuple(a.shape) != tuple(getattr(b, "shape", ())) or str(a.dtype) != str(getattr(b, "dtype", a.dtype)):
+      return f"{'/'.join(k)}: checkpoint {tuple(b.shape)} {b.dtype}, config {tuple(a.shape)} {a.dtype}"
+  return None
 
 
 def _shard(cfg: TrainConfig, tx, trainable, frozen, opt_state):
@@ -377,6 +451,8 @@ class _Data:
 
   batcher: Any
   train_examples: int
+  # Training examples with no target token (their completion beyond seq_len; kept, no loss).
+  no_target: int
   val_batches: list
   test_rows: list
 
@@ -384,7 +460,7 @@ class _Data:
 def _load_data(cfg: TrainConfig, tok) -> _Data:
   paths = resolve_data(cfg)
   pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  train_ex = td.tokenize_rows(tok, td.load_rows(paths["train"]), cfg.seq_len)
+  train_ex = td.tokenize_rows(tok, td.load_rows(paths["train"]), cfg.seq_len, where=paths["train"])
   batcher = td.Batcher(train_ex, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad, seed=cfg.seed,
                        packing=cfg.data.packing, bucket=cfg.data.bucket)
   val_batches = []
@@ -392,12 +468,13 @@ def _load_data(cfg: TrainConfig, tok) -> _Data:
     val_rows = td.load_rows(paths["validation"])
     if cfg.eval.num_validation:
       val_rows = val_rows[: cfg.eval.num_validation]
-    val_batches = td.eval_batches(td.tokenize_rows(tok, val_rows, cfg.seq_len), batch_size=cfg.batch_size,
+    val_batches = td.eval_batches(td.tokenize_rows(tok, val_rows, cfg.seq_len, where=paths["validation"]),
+                                  batch_size=cfg.batch_size,
                                   seq_len=cfg.seq_len, pad_id=pad, bucket=cfg.data.bucket)
   test_rows = []
   if paths["test"] and cfg.eval.num_test:
     test_rows = [r for r in td.load_rows(paths["test"]) if "prompt" in r][: cfg.eval.num_test]
-  return _Data(batcher, len(train_ex), val_batches, test_rows)
+  return _Data(batcher, len(train_ex), td.no_target(train_ex), val_batches, test_rows)
 
 
 def _metrics_row(event: str, step: int, scores: dict) -> dict:
@@ -413,7 +490,7 @@ def _write_json(path: str, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=1))
 
 
-def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, before: dict[str, Any] | None = None, on_change: str = "refuse") -> dict[str, Any]:
   """Runs one fine-tuning job (resuming from ``out_dir/checkpoints`` if present).
 
   Args:
@@ -421,14 +498,24 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
     before: the untrained model's scores when the caller already has them (a
       comparison reuses one evaluation of the base model for every run that
       starts from it); None evaluates them here.
+    on_change: when ``out_dir`` holds a run with another config: "refuse" (one
+      line listing the differing keys), "resume" (continue its checkpoint under
+      ``cfg``) or "fresh" (delete its outputs, start over); see :mod:`.outdir`.
 
   Returns:
     The results dict also written to ``out_dir/results.json``.
+
+  Raises:
+    ValueError: one line: bad data, a user's file in ``out_dir``, a changed config;
+      :class:`TrainingStopped` when the loss diverged or the run was interrupted.
   """
   import yaml
 
-  os.makedirs(cfg.out_dir, exist_ok=True)
+  from . import outdir
+
+  changed = outdir.prepare(cfg.out_dir, config_to_dict(cfg), on_change)
   write_text(os.path.join(cfg.out_dir, "config.yaml"), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+  outdir.record(cfg.out_dir, "config.yaml")
   t0 = time.perf_counter()
   model, params, mcfg, tok, model_path = load_model(cfg.model, cfg.dtype, remat=cfg.remat, attention=cfg.attention)
   data = _load_data(cfg, tok)
@@ -438,7 +525,7 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
   tx = build_optimizer(cfg.optim, steps)
   loss_fn = make_loss_fn(model, cfg.method, cfg.loss_chunk)
   mngr = _checkpointer(cfg.out_dir)
-  start, trainable, opt_state = _restore(mngr, trainable, tx.init(trainable))
+  start, trainable, opt_state = _restore(mngr, trainable, tx.init(trainable), changed)
   put_batch = None
   if cfg.mesh:
     trainable, frozen, opt_state, put_batch = _shard(cfg, tx, trainable, frozen, opt_state)
@@ -448,7 +535,8 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
   step_fn = make_train_step(loss_fn, tx, put_batch, loss_bucket=max(16, cfg.seq_len // 2), offload=offload)
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
   _log(cfg.out_dir, {"event": "setup", "model": model_path, "method": cfg.method,
-                     "train_examples": data.train_examples, "steps": steps, "trainable_params": n_train,
+                     "train_examples": data.train_examples, "no_target_examples": data.no_target,
+                     "steps": steps, "trainable_params": n_train,
                      "resumed_from": start,
                      "total_params": n_train if frozen is None else jl.param_report(jl.combine(trainable, frozen)).total,
                      "setup_s": round(time.perf_counter() - t0, 1)})
@@ -470,6 +558,7 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
   if start == 0 or not os.path.exists(before_path):
     before = evaluate(trainable) if before is None else before
     _write_json(before_path, before)
+    outdir.record(cfg.out_dir, "before.json")
     _log(cfg.out_dir, _metrics_row("before", 0, before))
   with open(before_path, encoding="utf-8") as f:
     results["before"] = json.load(f)
@@ -486,10 +575,13 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None) -> dict[str, A
   _log(cfg.out_dir, {**_metrics_row("after", steps, after), "train_s": results["train_s"],
                      "compile_s": results["compile_s"]})
   _write_json(os.path.join(cfg.out_dir, "results.json"), results)
+  outdir.record(cfg.out_dir, "results.json")
   from .report import write_curves, write_report
 
   write_report(cfg, results)
+  outdir.record(cfg.out_dir, "report.md")
   write_curves(cfg.out_dir)
+  outdir.record(cfg.out_dir, "curves.png")
   return results
 
 
@@ -497,57 +589,119 @@ def _run_steps(cfg: TrainConfig, data: _Data, step_fn, loss_fn, mngr, trainable,
                start: int, steps: int, frozen_on_device: Callable):
   """Optimizer steps ``start..steps``: logging, validation, checkpoints. Returns
   ``(trainable, opt_state, compile seconds)``. ``frozen_on_device()`` is the frozen
-  base for validation (a device copy when it is offloaded to host memory)."""
+  base for validation (a device copy when it is offloaded to host memory).
+
+  Raises :class:`TrainingStopped` when a step's loss or gradients are not finite
+  (nothing of that step is kept or saved) and on Ctrl-C (at the end of the step
+  running then, after saving a checkpoint of it)."""
   accum = cfg.optim.grad_accum
   base_key = jax.random.key(cfg.seed + 1)
   losses, timed, tokens, compile_s = [], [], 0, 0.0
   t_train = time.perf_counter()
   schedule = lr_schedule(cfg.optim, steps)
   bar = tqdm.tqdm(total=steps, initial=start, desc="train", unit="step") if sys.stderr.isatty() else None
-  for step in range(start, steps):
-    for k in range(accum):
-      micro = step * accum + k
-      batch = {n: jnp.asarray(v) for n, v in data.batcher.batch_at(micro).items()}
-      t = time.perf_counter()
-      trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(base_key, micro))
-      jax.block_until_ready(loss)
-      dt = time.perf_counter() - t
-      if step_fn.compile_s:  # this call compiled: report it apart
-        compile_s += dt
-        _log(cfg.out_dir, {"event": "compile", "step": step + 1, "compile_s": round(dt, 2),
-                           "shape": list(batch["input_ids"].shape)})
-      else:
-        timed.append(dt)
-        tokens += int((np.asarray(batch["attention_mask"]) > 0).sum())
-      losses.append(loss)
-    done = step + 1
-    if bar is not None:
-      bar.update(1)
-      bar.set_postfix(loss=f"{float(loss):.3f}")
-    if done % cfg.log_every == 0 or done == steps:
-      row = {"event": "train", "step": done, "loss": round(float(np.mean([float(x) for x in losses])), 4),
-             "lr": float(schedule(done - 1)), "elapsed_s": round(time.perf_counter() - t_train, 1)}
-      if timed:  # the jitted step alone, result blocked on; compiles excluded
-        row.update(step_time_s=round(float(np.mean(timed)) * accum, 4), tokens_per_s=round(tokens / sum(timed), 1))
-      losses, timed, tokens = [], [], 0
-      _log(cfg.out_dir, row)
-    if data.val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == steps):
-      vl = _validation_loss(loss_fn, trainable, frozen_on_device(), data.val_batches)
-      _log(cfg.out_dir, {"event": "validation", "step": done, "val_loss": round(vl, 4)})
-    if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
-      _save(mngr, done, trainable, opt_state)
+  last_finite, saved = None, mngr.latest_step()
+  with _sigint_flag() as interrupted:
+    for step in range(start, steps):
+      for k in range(accum):
+        micro = step * accum + k
+        batch = {n: jnp.asarray(v) for n, v in data.batcher.batch_at(micro).items()}
+        t = time.perf_counter()
+        trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch, jax.random.fold_in(base_key, micro))
+        jax.block_until_ready(loss)
+        dt = time.perf_counter() - t
+        if not bool(step_fn.finite):
+          if bar is not None:
+            bar.close()
+          _diverged(cfg, mngr, step + 1, float(loss), last_finite, saved)
+        last_finite = (step + 1, float(loss))
+        if step_fn.compile_s:  # this call compiled: report it apart
+          compile_s += dt
+          _log(cfg.out_dir, {"event": "compile", "step": step + 1, "compile_s": round(dt, 2),
+                             "shape": list(batch["input_ids"].shape)})
+        else:
+          timed.append(dt)
+          tokens += int((np.asarray(batch["attention_mask"]) > 0).sum())
+        losses.append(loss)
+      done = step + 1
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+      if done % cfg.log_every == 0 or done == steps:
+        row = {"event": "train", "step": done, "loss": round(float(np.mean([float(x) for x in losses])), 4),
+               "lr": float(schedule(done - 1)), "elapsed_s": round(time.perf_counter() - t_train, 1)}
+        if timed:  # the jitted step alone, result blocked on; compiles excluded
+          row.update(step_time_s=round(float(np.mean(timed)) * accum, 4), tokens_per_s=round(tokens / sum(timed), 1))
+        losses, timed, tokens = [], [], 0
+        _log(cfg.out_dir, row)
+      if data.val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == steps):
+        vl = _validation_loss(loss_fn, trainable, frozen_on_device(), data.val_batches)
+        _log(cfg.out_dir, {"event": "validation", "step": done, "val_loss": round(vl, 4)})
+      if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == steps:
+        _save(mngr, done, trainable, opt_state)
+        saved = done
+      if interrupted() and done < steps:
+        if bar is not None:
+          bar.close()
+        if saved != done:
+          _save(mngr, done, trainable, opt_state)
+        _log(cfg.out_dir, {"event": "interrupted", "step": done})
+        raise TrainingStopped(f"interrupted at step {done} of {steps} (checkpoint saved); "
+                              "re-run the same command to resume", exit_code=130)
   if bar is not None:
     bar.close()
   return trainable, opt_state, compile_s
 
 
-def _export(cfg: TrainConfig, model, mcfg, trainable, frozen, model_path: str) -> None:
-  """Writes ``adapter/`` (PEFT) for LoRA, ``model/`` (HF) for full fine-tuning."""
-  if cfg.method == "full":
-    from jax_lora.models.hf import save_hf
+def _diverged(cfg: TrainConfig, mngr, step: int, loss: float, last_finite, saved) -> None:
+  """Logs and raises the one line of a run whose step ``step`` was not finite."""
+  _log(cfg.out_dir, {"event": "diverged", "step": step, "loss": loss if math.isfinite(loss) else str(loss)})
+  what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradients or updated weights are not finite (loss {loss:.4g})"
+  last = f"last finite loss {last_finite[1]:.4g} at step {last_finite[0]}" if last_finite else "no finite step before it"
+  kept = f"the last good checkpoint (step {saved}) is kept" if saved else "no checkpoint was written"
+  raise TrainingStopped(f"training diverged at step {step}: {what} ({last}); {kept} and nothing was exported; "
+                        "lower optim.lr (or raise optim.warmup_steps) and re-run with --resume-changed or --fresh")
 
-    save_hf(os.path.join(cfg.out_dir, "model"), trainable, mcfg)
+
+@contextlib.contextmanager
+def _sigint_flag():
+  """``with _sigint_flag() as interrupted:``: a first Ctrl-C sets ``interrupted()`` (the loop
+  stops at the end of its step, after a checkpoint); a second one interrupts at once.
+  Outside the main thread, Ctrl-C behaves as usual."""
+  import signal
+  import threading
+
+  hit = []
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: False
     return
 
-  jl.save_peft(os.path.join(cfg.out_dir, "adapter"), jl.combine(trainable, frozen),
-            model_type=getattr(mcfg, "model_type", "llama"), base_model_name_or_path=model_path)
+  def handler(signum, frame):
+    hit.append(True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield lambda: bool(hit)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _export(cfg: TrainConfig, model, mcfg, trainable, frozen, model_path: str) -> None:
+  """Writes ``adapter/`` (PEFT) for LoRA, ``model/`` (HF) for full fine-tuning, through
+  :func:`jax_lora.files.output_folder` (replaces only the run's own earlier export; refuses
+  NaN/inf weights)."""
+  from jax_lora.files import output_folder
+
+  from . import outdir
+
+  name = "model" if cfg.method == "full" else "adapter"
+  with output_folder(os.path.join(cfg.out_dir, name), "train") as tmp:
+    if cfg.method == "full":
+      from jax_lora.models.hf import save_hf
+
+      save_hf(tmp, trainable, mcfg)
+    else:
+      jl.save_peft(tmp, jl.combine(trainable, frozen), model_type=getattr(mcfg, "model_type", "llama"),
+                   base_model_name_or_path=model_path)
+  outdir.record(cfg.out_dir)

@@ -34,6 +34,9 @@ def write_report(cfg: Any, results: dict) -> str:
            f"- steps: {results.get('steps_run', 0)} run of {results.get('steps', 0)}, batch {cfg.batch_size}, "
            f"seq_len {cfg.seq_len}, lr {cfg.optim.lr}",
            f"- training time: {results.get('train_s', 0)} s (compiles {results.get('compile_s', 0)} s)"]
+  if setup.get("no_target_examples"):
+    lines.append(f"- {setup['no_target_examples']} of {setup.get('train_examples')} training examples have their whole "
+                 f"completion beyond seq_len {cfg.seq_len} (no loss from them; raise seq_len to use them)")
   if steps:
     st = [r["step_time_s"] for r in steps]
     tps = [r["tokens_per_s"] for r in steps]
