@@ -56,18 +56,54 @@ class Example:
 
 
 def load_rows(path: str) -> list[dict[str, str]]:
-  """Rows of a jsonl file (one JSON object per non-empty line), checked for one of the two formats.
+  """Rows of a jsonl file, loaded with HF ``datasets`` and checked for one of the two formats.
 
-  The format is ``prompt``/``completion`` when any row has both keys, else ``text``;
+  The format is ``prompt``/``completion`` when the rows have both keys, else ``text``;
   every row must then have string values for those keys.
 
   Raises:
-    ValueError: one line naming ``path:line``: a line that is not a JSON object, a row
-      without the format's string fields, or a file with no rows.
+    ValueError: one line naming the file (and ``path:line`` where a line is at fault): a
+      line that is not a JSON object, a row without the format's string fields, or a
+      file with no rows.
   """
+  import datasets
+
   if not os.path.isfile(path):
     raise ValueError(f"data file {path} does not exist")
-  objs = []
+  lines = _row_lines(path)  # line numbers of the non-blank lines; names a malformed one
+  if not lines:
+    raise ValueError(f"{path} holds no rows; give a jsonl file with one JSON object per line")
+  quiet = datasets.utils.are_progress_bars_disabled()
+  datasets.utils.disable_progress_bars()  # errors stay one line; the run has its own progress
+  try:
+    ds = datasets.load_dataset("json", data_files=path, split="train")
+  except Exception as e:  # noqa: BLE001 - datasets/pyarrow raise many types; say which file
+    raise ValueError(f"{path}: HF datasets cannot read it as jsonl ({type(e).__name__}: {e})") from None
+  finally:
+    if not quiet:
+      datasets.utils.enable_progress_bars()
+  cols = set(ds.column_names)
+  if {"prompt", "completion"} <= cols:
+    keys = ("prompt", "completion")
+  elif "text" in cols:
+    keys = ("text",)
+  else:
+    raise ValueError(f"{path}: rows need a 'text' field or 'prompt' and 'completion' fields; found {sorted(cols)}")
+  columns = {k: ds[k] for k in keys}
+  rows = []
+  for i in range(len(ds)):
+    row = {k: columns[k][i] for k in keys}
+    if not all(isinstance(v, str) for v in row.values()):
+      where = f"{path}:{lines[i]}" if len(lines) == len(ds) else f"{path}: row {i + 1}"
+      raise ValueError(f"{where} has no string {' and '.join(repr(k) for k in keys)} field; every row needs them")
+    rows.append(row)
+  return rows
+
+
+def _row_lines(path: str) -> list[int]:
+  """Line numbers of the non-blank lines, each checked to be one JSON object (one line naming
+  ``path:line`` otherwise: ``datasets``' own errors do not say where)."""
+  out = []
   with open(path, encoding="utf-8") as f:
     try:
       for n, line in enumerate(f, 1):
@@ -81,25 +117,10 @@ def load_rows(path: str) -> list[dict[str, str]]:
         if not isinstance(row, dict):
           raise ValueError(f"{path}:{n} is a JSON {type(row).__name__}, not an object; "
                            "each line must be one JSON object like {\"text\": ...}")
-        objs.append((n, row))
+        out.append(n)
     except UnicodeDecodeError as e:
       raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-  if not objs:
-    raise ValueError(f"{path} holds no rows; give a jsonl file with one JSON object per line")
-  cols = set().union(*(r.keys() for _, r in objs))
-  if {"prompt", "completion"} <= cols:
-    keys = ("prompt", "completion")
-  elif "text" in cols:
-    keys = ("text",)
-  else:
-    raise ValueError(f"{path}: rows need a 'text' field or 'prompt' and 'completion' fields; found {sorted(cols)}")
-  rows = []
-  for n, r in objs:
-    row = {k: r.get(k) for k in keys}
-    if not all(isinstance(v, str) for v in row.values()):
-      raise ValueError(f"{path}:{n} has no string {' and '.join(repr(k) for k in keys)} field; every row needs them")
-    rows.append(row)
-  return rows
+  return out
 
 
 def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:

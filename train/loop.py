@@ -703,5 +703,5 @@ def _export(cfg: TrainConfig, model, mcfg, trainable, frozen, model_path: str) -
       save_hf(tmp, trainable, mcfg)
     else:
       jl.save_peft(tmp, jl.combine(trainable, frozen), model_type=getattr(mcfg, "model_type", "llama"),
-                   base_model_name_or_path=model_path)
+                   base_model_name_or_path=model_path, bias=cfg.lora.bias)
   outdir.record(cfg.out_dir)
