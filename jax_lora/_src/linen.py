@@ -77,6 +77,8 @@ def _call_conv(m: nn.Conv, kernel, x, rng):
   y = m.clone(parent=None).apply({"params": params}, x)
   if lw is None:
     return y
+  if lw.m is not None:
+    raise ValueError(f"{lw.path!r}: DoRA on a convolution is not implemented; use plain LoRA there")
   if lw.layout != "i" * (len(lw.layout) - 1) + "o":
     raise ValueError(f"conv kernel {lw.path!r} has LoRA layout {lw.layout!r}; a conv kernel (*window, in, out) "
                      f"needs {'i' * (len(lw.layout) - 1) + 'o'!r}")
