@@ -466,3 +466,16 @@ def test_merge_refuses_integer_base_weights(llama, tmp_path):
   save_file(t, st)
   with pytest.raises(ValueError, match="non-floating weights 'model.norm.weight"):
     merge_adapter_files(bad, adapter, str(tmp_path / "m"))
+
+
+def test_load_hf_refuses_integer_weights(llama, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  import shutil
+  bad = str(tmp_path / "bad")
+  shutil.copytree(llama[0], bad)
+  st = os.path.join(bad, "model.safetensors")
+  t = load_file(st)
+  t["model.norm.weight"] = t["model.norm.weight"].view(np.int32)
+  save_file(t, st)
+  with pytest.raises(ValueError, match="'model.norm.weight' is int32, not floating"):
+    load_hf(bad)

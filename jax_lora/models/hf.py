@@ -109,6 +109,9 @@ def params_from_hf_state(state: Mapping[str, Any], config, dtype=jnp.float32) ->
   for key, arr in state.items():
     if ignored_key(key, config):
       continue
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+      raise ValueError(f"checkpoint tensor {key!r} is {arr.dtype}, not floating (a damaged safetensors header?); "
+                       f"a {config.model_type} checkpoint holds float weights")
     path, arr = fam.to_flax(key, arr)
     flat[path] = jnp.asarray(arr, dtype)
   model = model_from_config(_unscanned(config))
