@@ -208,7 +208,7 @@ def inspect_model(model_dir: str, config_yaml: str | None = None):
   params = traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(s, "float32") for p, s in shapes.items()}, sep="/")
   # shapes only: init_lora traced abstractly (no weights are read or made)
   tree = jax.eval_shape(lambda p: jl.init_lora(p, cfg, jax.random.key(0)), params)
-  return jl.param_report(tree, bias=cfg.bias)
+  return jl.param_report(tree, bias=cfg.bias, modules_to_save=cfg.modules_to_save)
 
 
 # ----------------------------------------------------------------------------- quantize

@@ -92,7 +92,7 @@ _QUANT_KEYS = {"type": "scheme", "scheme": "scheme", "block_size": "block_size",
 _PEFT_KEYS = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets"}
 # LoraConfig fields that a YAML lora section may set.
 _LORA_KEYS = ("rank", "alpha", "targets", "dropout", "use_rslora", "init", "bias", "rank_pattern", "alpha_pattern",
-              "use_dora")
+              "use_dora", "modules_to_save")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -236,7 +236,7 @@ def lora_section(raw: Any, where: str = "lora", base: LoraConfig = LORA_DEFAULTS
       kw[name] = _pairs(key, v, int if name == "rank_pattern" else float)
     else:
       kw[name] = _coerce(key, {"rank": int, "alpha": float, "dropout": float, "use_rslora": bool, "use_dora": bool,
-                               "targets": tuple[str, ...]}.get(name, str), v)
+                               "targets": tuple[str, ...], "modules_to_save": tuple[str, ...]}.get(name, str), v)
   try:
     return dataclasses.replace(base, **kw)
   except ValueError as e:

@@ -412,7 +412,8 @@ def _shard(cfg: TrainConfig, tx, trainable, frozen, opt_state):
   if frozen is None:  # full fine-tuning: every parameter is trainable
     tr_sh, fr_sh = shd.param_shardings(trainable, rules, mesh), None
   else:
-    tr_sh, fr_sh = jl.split(shd.param_shardings(jl.combine(trainable, frozen), rules, mesh), bias=cfg.lora.bias)
+    tr_sh, fr_sh = jl.split(shd.param_shardings(jl.combine(trainable, frozen), rules, mesh), bias=cfg.lora.bias,
+                            modules_to_save=cfg.lora.modules_to_save)
   trainable = shd.place(trainable, tr_sh)
   frozen = None if frozen is None else shd.place(frozen, fr_sh)
   opt_state = shd.place(opt_state, shd.opt_state_shardings(tx, opt_state, tr_sh, mesh))
@@ -433,7 +434,7 @@ def _prepare(cfg: TrainConfig, model, params):
     adapted_paths = tuple(re.escape(p) for p in lora_weights(adapted))
     qcfg = dataclasses.replace(cfg.quant, targets=adapted_paths, compute_dtype=jnp.dtype(cfg.dtype))
     adapted = jl.quantize(adapted, qcfg)
-  trainable, frozen = jl.split(adapted, bias=cfg.lora.bias)
+  trainable, frozen = jl.split(adapted, bias=cfg.lora.bias, modules_to_save=cfg.lora.modules_to_save)
   return trainable, frozen, None, functools.partial(jl.linen.apply, model)
 
 
@@ -703,5 +704,6 @@ def _export(cfg: TrainConfig, model, mcfg, trainable, frozen, model_path: str) -
       save_hf(tmp, trainable, mcfg)
     else:
       jl.save_peft(tmp, jl.combine(trainable, frozen), model_type=getattr(mcfg, "model_type", "llama"),
-                   base_model_name_or_path=model_path, bias=cfg.lora.bias)
+                   base_model_name_or_path=model_path, bias=cfg.lora.bias,
+                   modules_to_save=cfg.lora.modules_to_save)
   outdir.record(cfg.out_dir)

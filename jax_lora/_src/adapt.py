@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -30,7 +32,7 @@ __all__ = [
     "lora_weights",
     "ParamReport",
     "param_report",
-    "trainable_bias_paths",
+    "trainable_paths",
 ]
 
 
@@ -150,27 +152,53 @@ def lora_weights(adapted: Any) -> dict[str, LoraWeight]:
   return {p: v for p, v in leaves(adapted).items() if isinstance(v, LoraWeight)}
 
 
-def trainable_bias_paths(adapted, bias: str) -> set[str]:
-  if bias == "none":
-    return set()
+def trainable_paths(adapted, bias: str = "none", modules_to_save: Sequence[str] = ()) -> set[str]:
+  """Paths of plain leaves that train whole: biases (``bias`` "all", or "lora_only": those
+  of adapted modules) and every parameter of the modules in ``modules_to_save``
+  (PEFT's option: bare names such as ``"lm_head"``; as in PEFT, every module whose name
+  ends with one, so ``"norm"`` also selects ``input_layernorm``).
+
+  Raises:
+    ValueError: a bad ``bias``, a ``modules_to_save`` entry that matches no module, or
+      one whose module also carries a LoRA adapter (PEFT refuses both too).
+  """
+  if bias not in ("none", "all", "lora_only"):
+    raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
   flat = leaves(adapted)
+  out = set()
   if bias == "all":
-    return {p for p in flat if p.rsplit("/", 1)[-1] == "bias"}
-  if bias == "lora_only":
+    out = {p for p in flat if p.rsplit("/", 1)[-1] == "bias"}
+  elif bias == "lora_only":
     parents = {p.rsplit("/", 1)[0] for p, v in flat.items() if isinstance(v, LoraWeight)}
-    return {p for p in flat if p.rsplit("/", 1)[-1] == "bias" and p.rsplit("/", 1)[0] in parents}
-  raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    out = {p for p in flat if p.rsplit("/", 1)[-1] == "bias" and p.rsplit("/", 1)[0] in parents}
+  for name in modules_to_save:
+    if not re.fullmatch(r"\w+", name):
+      raise ValueError(f"modules_to_save {name!r}: give bare module names as PEFT does (e.g. 'lm_head')")
+    pat = re.compile(rf".*{name}")  # PEFT: the module name ends with it (input_layernorm for "norm")
+    hits = {p for p in flat if "/" in p and pat.fullmatch(p.rsplit("/", 1)[0])}
+    if not hits:
+      raise ValueError(f"modules_to_save {name!r} matches no module of the tree")
+    lora = sorted(p for p in hits if isinstance(flat[p], LoraWeight))
+    if lora:
+      raise ValueError(f"modules_to_save {name!r}: {lora[0]!r} also has a LoRA adapter; train it whole or adapt it")
+    quant = sorted(p for p in hits if is_quantized(flat[p]))
+    if quant:
+      raise ValueError(f"modules_to_save {name!r}: {quant[0]!r} is quantized and cannot train whole; leave it out "
+                       "of quantization (QuantConfig targets)")
+    out |= {p for p in hits if _is_param(flat[p])}
+  return out
 
 
-def split(adapted: Any, bias: str = "none") -> tuple[Any, Any]:
+def split(adapted: Any, bias: str = "none", modules_to_save: Sequence[str] = ()) -> tuple[Any, Any]:
   """Partitions an adapted tree into ``(trainable, frozen)``.
 
   Both keep the full structure with ``None`` placeholders (equinox-style), so
   ``combine(*split(t)) == t`` exactly. ``trainable`` holds only the A/B factors
-  (and biases if ``bias`` is "all" or "lora_only"): differentiate and optimize
-  it alone, and no gradient or optimizer state ever exists for the base.
+  (and biases if ``bias`` is "all" or "lora_only", and the whole ``modules_to_save``,
+  see :func:`trainable_paths`): differentiate and optimize it alone, and no gradient
+  or optimizer state ever exists for the base.
   """
-  bias_paths = trainable_bias_paths(adapted, bias)
+  bias_paths = trainable_paths(adapted, bias, modules_to_save)
 
   def trainable(path, v):
     if isinstance(v, LoraWeight):
@@ -264,14 +292,14 @@ def _is_param(v) -> bool:
   return hasattr(v, "shape") and dt is not None and jnp.issubdtype(dt, jnp.inexact)
 
 
-def param_report(adapted: Any, bias: str = "none") -> ParamReport:
+def param_report(adapted: Any, bias: str = "none", modules_to_save: Sequence[str] = ()) -> ParamReport:
   """Counts trainable (A/B and trainable biases) and total (base + adapters) parameters.
 
   Quantized weights count their original number of elements; only float arrays
   and quantized weights are parameters (not RNG keys, counters or functions).
   """
   flat = leaves(adapted)
-  bias_paths = trainable_bias_paths(adapted, bias)
+  bias_paths = trainable_paths(adapted, bias, modules_to_save)
   trainable = total = 0
   rows = []
   for p, v in flat.items():

@@ -91,6 +91,9 @@ class LoraConfig:
   # DoRA (weight-decomposed LoRA, PEFT's use_dora): a trainable magnitude per output,
   # initialised to the kernel's column norms ‖W‖ over its input axes.
   use_dora: bool = False
+  # Modules trained whole beside the adapters (PEFT's modules_to_save: "lm_head",
+  # "embed_tokens" when adding tokens); bare names match the module anywhere.
+  modules_to_save: tuple[str, ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, "rank_pattern", _freeze_mapping(self.rank_pattern))
@@ -99,6 +102,9 @@ class LoraConfig:
     if isinstance(self.targets, str):
       object.__setattr__(self, "targets", (self.targets,))
     object.__setattr__(self, "targets", tuple(self.targets))
+    if isinstance(self.modules_to_save, str):
+      object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
+    object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
     if not isinstance(self.rank, int) or self.rank <= 0:
       raise ValueError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}")
     if not (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)):

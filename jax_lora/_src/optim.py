@@ -7,15 +7,15 @@ from typing import Any
 
 import optax
 
-from jax_lora._src.adapt import trainable_bias_paths
+from jax_lora._src.adapt import trainable_paths
 from jax_lora._src.lora import LoraWeight
 from jax_lora._src.tree import map_leaves
 
 __all__ = ["lora_optimizer"]
 
 
-def _labels(adapted: Any, bias: str) -> Any:
-  bias_paths = trainable_bias_paths(adapted, bias)
+def _labels(adapted: Any, bias: str, modules_to_save) -> Any:
+  bias_paths = trainable_paths(adapted, bias, modules_to_save)
 
   def lab(path, v):
     if isinstance(v, LoraWeight):
@@ -25,8 +25,10 @@ def _labels(adapted: Any, bias: str) -> Any:
   return map_leaves(lab, adapted)
 
 
-def lora_optimizer(tx: optax.GradientTransformation, bias: str = "none") -> optax.GradientTransformation:
-  """Wraps ``tx`` for the *full* adapted tree so that only A/B (and chosen biases) train.
+def lora_optimizer(tx: optax.GradientTransformation, bias: str = "none",
+                   modules_to_save=()) -> optax.GradientTransformation:
+  """Wraps ``tx`` for the *full* adapted tree so that only A/B (and chosen biases and
+  ``modules_to_save``, as in :func:`jax_lora.split`) train.
 
   Frozen leaves get ``optax.set_to_zero()`` (no state, zero update); unlike
   ``optax.masked``, which passes masked-out gradients through unchanged and so
@@ -42,4 +44,4 @@ def lora_optimizer(tx: optax.GradientTransformation, bias: str = "none") -> opta
     >>> opt_state = tx.init(adapted)   # Adam moments for A and B only
   """
   return optax.multi_transform({"lora": tx, "frozen": optax.set_to_zero()},
-                               lambda tree: _labels(tree, bias))
+                               lambda tree: _labels(tree, bias, tuple(modules_to_save)))

@@ -23,7 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jax_lora._src.adapt import lora_weights, trainable_bias_paths
+from jax_lora._src.adapt import lora_weights, trainable_paths
 from jax_lora._src.lora import LoraWeight
 from jax_lora._src.files import atomic_folder
 from jax_lora._src.tree import is_quantized, leaves, map_leaves, materialize
@@ -43,6 +43,7 @@ __all__ = [
     "resolve_keys",
     "split_key",
     "token_rows",
+    "in_modules_to_save",
     "is_floating",
     "KNOWN_CONFIG_FIELDS",
 ]
@@ -172,8 +173,10 @@ def split_key(key: str) -> tuple[str, str, bool] | None:
   return None if m is None else (m.group(1), m.group(3), m.group(2) is not None)
 
 
-def _in_modules(module: str, names) -> bool:
-  return any(module == n or module.endswith("." + n) for n in names)
+def in_modules_to_save(module: str, names) -> bool:
+  """PEFT's ``modules_to_save`` rule: a module whose dotted name *ends with* one of
+  ``names`` (plain string suffix: ``"norm"`` also selects ``input_layernorm``)."""
+  return any(module.endswith(n) for n in names)
 
 
 def read_peft(folder: str) -> PeftAdapter:
@@ -239,7 +242,7 @@ def read_peft(folder: str) -> PeftAdapter:
       unexplained.append(k)
       continue
     mod, param, via_base = parts
-    explained = (_in_modules(mod, saved)
+    explained = (in_modules_to_save(mod, saved)
                  or (param == "bias" and (bias == "all" or (bias == "lora_only" and mod in lora_mods)))
                  or (via_base and param == "weight" and mod in lora_mods))
     if not explained:
@@ -628,14 +631,14 @@ def _whole_tensors(adapted: Any, model_type: str, bias: str, modules_to_save: Se
 
   if bias not in _BIAS:
     raise ValueError(f"save_peft: bias={bias!r}; PEFT's values are {', '.join(_BIAS)}")
-  chosen = set(trainable_bias_paths(adapted, bias))
+  chosen = set(trainable_paths(adapted, bias))
   flat = {p: v.w if isinstance(v, LoraWeight) else v for p, v in leaves(adapted).items()}
   out, unmatched = {}, set(modules_to_save)
   for p in sorted(_unstacked_paths(set(flat), adapted)):
     m = re.search(r"/layers_(\d+)/", p)
     src = p if p in flat else p[:m.start()] + "/layers/" + p[m.end():]
     mod, param = family(model_type).path_to_hf_key(p).rsplit(".", 1)
-    hit = [n for n in modules_to_save if mod == n or mod.endswith("." + n)]
+    hit = [n for n in modules_to_save if in_modules_to_save(mod, (n,))]
     unmatched -= set(hit)
     if hit and mod not in lora_mods:
       key = f"{mod}.{param}"

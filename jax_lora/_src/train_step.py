@@ -30,7 +30,7 @@ def _loss_and_grad(loss_fn, remat: bool, policy):
 def make_train_step(loss_fn: Callable[[Any, Any], jax.Array], optimizer: optax.GradientTransformation, mesh: Mesh,
                     param_shardings: Any, batch_sharding: Any, *, donate: bool = True, remat: bool = False,
                     remat_policy: Callable | None = None, offload_opt_state: bool = False,
-                    offload_frozen: bool = False, bias: str = "none"):
+                    offload_frozen: bool = False, bias: str = "none", modules_to_save=()):
   """A jitted LoRA step ``(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss)``.
 
   Only ``trainable`` (``jl.split(adapted)[0]``) is differentiated; the frozen
@@ -48,12 +48,12 @@ def make_train_step(loss_fn: Callable[[Any, Any], jax.Array], optimizer: optax.G
     remat_policy: a ``jax.checkpoint_policies`` policy for ``remat``.
     offload_opt_state: keep optimizer state in host memory (``pinned_host``) between steps.
     offload_frozen: keep the frozen base in host memory; copied to device inside the step.
-    bias: as in ``jl.split`` (which biases train).
+    bias, modules_to_save: as in ``jl.split`` (which biases and whole modules train).
 
   The opt_state shardings are derived from the first ``opt_state`` passed in
   (:func:`opt_state_shardings`); create it with :func:`init_opt_state`.
   """
-  tr_sh, fr_sh = split(param_shardings, bias=bias)
+  tr_sh, fr_sh = split(param_shardings, bias=bias, modules_to_save=modules_to_save)
   if offload_frozen:
     fr_dev, fr_sh = fr_sh, with_memory_kind(fr_sh, "pinned_host")
   vg = _loss_and_grad(loss_fn, remat, remat_policy)
