@@ -207,9 +207,10 @@ def _peft_model(m):
   return peft.get_peft_model(m, cfg).eval()
 
 
-def test_gemma3_peft_adapter_load_save_merge(tiny, tmp_path):
-  """A PEFT adapter on Gemma 3 loads, runs unmerged with PEFT's logits, saves back and merges."""
-  m, folder = tiny["gemma3"]
+@pytest.mark.parametrize("name", ["gemma3", "qwen3"])
+def test_peft_adapter_load_save_merge(tiny, tmp_path, name):
+  """A PEFT adapter on Gemma 3 / Qwen3 loads, runs unmerged with PEFT's logits, saves back and merges."""
+  m, folder = tiny[name]
   import copy
 
   pm = _peft_model(copy.deepcopy(m))
