@@ -70,7 +70,7 @@ def _torch_logits(m, ids, mask):
 
 
 def _ours(model, params, ids, mask):
-  return np.asarray(model.apply(params, jnp.asarray(ids), jnp.asarray(mask))[0])
+  return np.asarray(jax.jit(model.apply)(params, jnp.asarray(ids), jnp.asarray(mask))[0])
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -83,7 +83,7 @@ def test_logits_match_transformers(tiny, name):
   np.testing.assert_allclose(_ours(model, params, ids, mask)[valid], _torch_logits(m, ids, mask)[valid], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen3", "gemma3", "gemma2"])
+@pytest.mark.parametrize("name", ["llama3", "gemma3"])
 def test_float64_tighter(tiny, name):
   m, folder = tiny[name]
   model, params, config = hf.load_hf(folder)
@@ -111,8 +111,8 @@ def test_config_fields(tiny):
   assert hf.load_hf(tiny["mistral"][1])[2].layer_windows() == (3, 3, 3)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma3", "gemma2", "mistral"])
-@pytest.mark.parametrize("impl", ["naive", "blockwise", "xla"])
+@pytest.mark.parametrize("name, impl", [("qwen3", "naive"), ("gemma3", "blockwise"), ("mistral", "xla"),
+                                        ("gemma2", "blockwise"), ("gemma2", "xla")])
 def test_packed_windows_every_implementation(tiny, name, impl):
   """Two examples packed in one row give each example's own logits, with windows and soft-caps."""
   _, folder = tiny[name]
@@ -142,14 +142,15 @@ def test_blockwise_window_softcap_gradients_match_naive():
                                 softcap=1.5)
     return jnp.sum(out * w)
 
-  ref = jax.grad(functools.partial(loss, "naive"), argnums=(0, 1, 2))(q, k, v)
-  got = jax.grad(functools.partial(loss, "blockwise"), argnums=(0, 1, 2))(q, k, v)
-  np.testing.assert_allclose(loss("blockwise", q, k, v), loss("naive", q, k, v), rtol=1e-5)
+  value_grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3)), static_argnums=0)
+  ref_value, ref = value_grad("naive", q, k, v)
+  value, got = value_grad("blockwise", q, k, v)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   for a, b in zip(got, ref):
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma3", "mistral"])
+@pytest.mark.parametrize("name", ["gemma3", "mistral"])
 def test_scan_layers_same_logits(tiny, name):
   _, folder = tiny[name]
   model, params, _ = hf.load_hf(folder)
@@ -158,7 +159,7 @@ def test_scan_layers_same_logits(tiny, name):
   np.testing.assert_allclose(_ours(smodel, sparams, ids, mask), _ours(model, params, ids, mask), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma3", "llama3"])
+@pytest.mark.parametrize("name", ["qwen3", "gemma3"])
 def test_greedy_generation_equals_transformers(tiny, name):
   """KV-cache generation (windows apply over cache slots) gives transformers' greedy tokens."""
   m, folder = tiny[name]
@@ -206,9 +207,10 @@ def _peft_model(m):
   return peft.get_peft_model(m, cfg).eval()
 
 
-def test_gemma3_peft_adapter_load_save_merge(tiny, tmp_path):
-  """A PEFT adapter on Gemma 3 loads, runs unmerged with PEFT's logits, saves back and merges."""
-  m, folder = tiny["gemma3"]
+@pytest.mark.parametrize("name", ["gemma3", "qwen3"])
+def test_peft_adapter_load_save_merge(tiny, tmp_path, name):
+  """A PEFT adapter on Gemma 3 / Qwen3 loads, runs unmerged with PEFT's logits, saves back and merges."""
+  m, folder = tiny[name]
   import copy
 
   pm = _peft_model(copy.deepcopy(m))
@@ -218,7 +220,7 @@ def test_gemma3_peft_adapter_load_save_merge(tiny, tmp_path):
   want = _torch_logits(pm, ids, mask)
   model, variables, config = hf.load_hf(folder)
   adapted = jl.load_peft(str(tmp_path / "adapter"), variables["params"], config.model_type)
-  got = np.asarray(jl.linen.apply(model, adapted, jnp.asarray(ids), jnp.asarray(mask))[0])
+  got = np.asarray(jax.jit(functools.partial(jl.linen.apply, model))(adapted, jnp.asarray(ids), jnp.asarray(mask))[0])
   np.testing.assert_allclose(got[valid], want[valid], atol=1e-4)
   jl.save_peft(str(tmp_path / "again"), adapted, config.model_type)
   import peft
