@@ -96,7 +96,8 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array, *, apply=None) ->
     config: what to adapt and how.
     key: PRNG key; each path gets ``fold_in(key, crc32(path))``.
     apply: optional ``apply(params) -> outputs`` running the model on example inputs
-      (e.g. ``lambda p: model.apply({"params": p}, x)``); it is only traced
+      (e.g. ``lambda p: model.apply({"params": p}, x)``, NNX:
+      ``lambda s: nnx.merge(graphdef, s, rest, copy=True)(x)``); it is only traced
       (``jax.make_jaxpr``, shapes). With it, ``"all-linear"`` means every
       parameter used as a matmul operand (``dot_general``: Dense, einsum, ``x @ w``,
       ``w @ x``), whatever it is named, except the output layer (the matmul
