@@ -182,3 +182,27 @@ def test_conv_lora_unmerged_equals_merged():
   # unmerged: the stem's conv runs on W and on the rank-2 A, never on W + s·A@B
   text = str(jax.make_jaxpr(unmerged)(trainable))
   assert re.search(r"f32\[2,2,2,2\] = conv_general_dilated", text)  # conv(x, A): rank-2 output channels
+
+
+class BNNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = nn.BatchNorm(use_running_average=not train)(nn.Dense(32, name="up")(x))
+    return nn.Dense(4, name="out")(nn.Dropout(0.5, deterministic=not train)(nn.relu(h)))
+
+
+def test_linen_batchnorm_dropout_state_returned():
+  model, x = BNNet(), jax.random.normal(jax.random.key(2), (8, 16))
+  variables = model.init(jax.random.key(0), x, train=False)
+  ad = _bump(jl.init_lora(variables["params"], jl.LoraConfig(rank=2, targets=("all-linear",)), jax.random.key(1),
+                          apply=lambda p: model.apply({**variables, "params": p}, x, train=False)))
+  assert list(adapters.lora_weights(ad)) == ["up/kernel"]
+  kw = dict(mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    y, upd = jl.linen.apply(model, ad, x, True, variables={"batch_stats": variables["batch_stats"]}, **kw)
+  y_ref, upd_ref = model.apply({"params": jl.merge(ad), "batch_stats": variables["batch_stats"]}, x, True, **kw)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(upd), jax.tree.leaves(upd_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  assert not np.allclose(np.asarray(upd["batch_stats"]["BatchNorm_0"]["mean"]), 0)
