@@ -144,8 +144,8 @@ def test_all_linear_on_tunix_style_w_params():
   lays = {p: v.layout for p, v in adapters.lora_weights(ad).items()}
   assert lays == {"q/w": "ioo", "o/w": "iio", "mlp/kernel": "io"}  # lm_head and the embedding excluded
   assert "lm_head/w" not in lays
-  # the name rule without a trace: kernel leaves only, and never an lm_head's
-  named = jl.init_lora({"lm_head": {"kernel": jnp.ones((4, 8))}, "mlp": {"kernel": jnp.ones((4, 4))}},
+  # the name rule without a trace: kernel leaves only (tunix's 'w' would be missed)
+  named = jl.init_lora({"w": jnp.ones((4, 8)), "mlp": {"kernel": jnp.ones((4, 4))}},
                        jl.LoraConfig(rank=1, targets=("all-linear",)), jax.random.key(0))
   assert list(adapters.lora_weights(named)) == ["mlp/kernel"]
   # jnp.einsum on a LoRA weight cannot run unmerged: merged per call, exact, with a warning
