@@ -38,6 +38,7 @@ from jax_lora._src.config import LoraConfig
 from jax_lora._src.functional import apply_fn
 from jax_lora._src.lora import LoraWeight
 from jax_lora._src.lora import dot
+from jax_lora._src.lora import embed
 from jax_lora._src.optim import lora_optimizer
 from jax_lora._src.peft import load_peft
 from jax_lora._src.peft import save_peft
@@ -56,6 +57,7 @@ __all__ = [
     "param_report",
     "lora_optimizer",
     "dot",
+    "embed",
     "apply_fn",
     "QuantConfig",
     "quantize",

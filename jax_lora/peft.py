@@ -7,6 +7,10 @@ from jax_lora._src.peft import PeftAdapter
 from jax_lora._src.peft import adapter_modules
 from jax_lora._src.peft import module_to_path
 from jax_lora._src.peft import path_to_module
+from jax_lora._src.peft import check_config
+from jax_lora._src.peft import full_tensors
+from jax_lora._src.peft import resolve_keys
+from jax_lora._src.peft import KNOWN_CONFIG_FIELDS
 from jax_lora._src.merge_files import merge_adapter_files
 from jax_lora._src.merge_files import merged_tensors
 
@@ -18,6 +22,10 @@ __all__ = [
     "adapter_modules",
     "module_to_path",
     "path_to_module",
+    "check_config",
+    "full_tensors",
+    "resolve_keys",
+    "KNOWN_CONFIG_FIELDS",
     "merge_adapter_files",
     "merged_tensors",
 ]

@@ -18,6 +18,7 @@ import peft
 
 import jax_lora as jl
 import jax_lora.adapters  # noqa: F401 - jl.adapters  # noqa: E402
+import jax_lora.peft  # noqa: E402
 from jax_lora import adapters as jla  # noqa: E402
 from jax_lora.models import load_hf  # noqa: E402
 from jax_lora.peft import load_peft, save_peft  # noqa: E402
@@ -221,6 +222,10 @@ def _write_adapter(folder, config, tensors):
   save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
 
 
+_GOOD = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 32), np.float32),
+         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((32, 2), np.float32)}
+
+
 @pytest.mark.parametrize("case,config,tensors,match", [
     ("unknown_module", {"r": 2}, {"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": np.zeros((2, 32), np.float32),
                                   "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": np.zeros((32, 2), np.float32)},
@@ -233,9 +238,21 @@ def _write_adapter(folder, config, tensors):
     ("rank", {"r": 4}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 32), np.float32),
                         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((32, 2), np.float32)},
      "rank 4"),
-    ("dora", {"r": 2, "use_dora": True}, {}, "DoRA"),
-    ("modules_to_save", {"r": 2, "modules_to_save": ["lm_head"]},
-     {"base_model.model.lm_head.weight": np.zeros((32, 32), np.float32)}, "modules_to_save"),
+    ("dora_without_magnitude", {"r": 2, "use_dora": True}, _GOOD, "lora_magnitude_vector"),
+    ("unexplained_whole_tensor", {"r": 2}, {"base_model.model.lm_head.weight": np.zeros((32, 32), np.float32)},
+     "does not explain"),
+    ("typo", {"r": 2, "lora_alpah": 32}, _GOOD, r"unknown field 'lora_alpah' \(did you mean 'lora_alpha'"),
+    ("future_field", {"r": 2, "shiny_new_config": {}}, _GOOD, "unknown field 'shiny_new_config'"),
+    ("pissa", {"r": 2, "init_lora_weights": "pissa"}, _GOOD, "init_lora_weights='pissa'"),
+    ("olora", {"r": 2, "init_lora_weights": "olora"}, _GOOD, "init_lora_weights='olora'"),
+    ("alora", {"r": 2, "alora_invocation_tokens": [5, 6]}, _GOOD, "aLoRA"),
+    ("trainable_tokens", {"r": 2, "trainable_token_indices": "1,2"}, _GOOD, "trainable_token_indices must be"),
+    ("token_rows_unexplained", {"r": 2}, {**_GOOD, "base_model.model.model.embed_tokens.token_adapter."
+                                           "trainable_tokens_delta": np.zeros((2, 32), np.float32)},
+     "no trainable_token_indices"),
+    ("bias_value", {"r": 2, "bias": "some"}, _GOOD, "bias='some'"),
+    ("rank_zero", {"r": 0}, _GOOD, "r=0"),
+    ("int_header", {"r": 2}, {k: v.astype(np.int32) for k, v in _GOOD.items()}, "non-floating"),
     ("unpaired", {"r": 2}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 32), np.float32)},
      "pair up"),
 ])
@@ -287,3 +304,165 @@ def test_switch_and_weighted_combination(llama, tmp_path):
     jla.combine_adapters([bank.adapters["one"], bank.adapters["two"]], [1.0, 1.0], "linear")
   with pytest.raises(ValueError, match="no adapter named"):
     bank.use("three")
+
+
+def test_every_peft_config_field_is_classified():
+  """A PEFT upgrade that adds a LoraConfig field fails here until we decide what it means."""
+  import dataclasses
+  fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+  assert fields <= jax_lora.peft.KNOWN_CONFIG_FIELDS, sorted(fields - jax_lora.peft.KNOWN_CONFIG_FIELDS)
+
+
+def _train_everything(pm, seed=3):
+  """Stands in for training: every trainable PEFT tensor (A/B, biases, saved modules) moves."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for _, p in pm.named_parameters():
+      if p.requires_grad:
+        p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(bias="all", modules_to_save=["lm_head"]),
+    dict(bias="lora_only", modules_to_save=["embed_tokens"]),
+    dict(target_modules=["q_proj", "v_proj", "lm_head"]),
+    dict(target_modules=["q_proj", "embed_tokens"]),
+    dict(trainable_token_indices=[1, 2, 5]),
+], ids=["bias_all+lm_head", "lora_only+embed", "lora_on_lm_head", "lora_on_embedding", "trainable_tokens"])
+def test_whole_tensors_match_peft(tmp_path, kw):
+  """Trained biases, modules_to_save, LoRA on an untied lm_head or on the embedding, trainable tokens:
+  load (unmerged: no fallback merge), merge on files and save back, against PEFT."""
+  from jax_lora.peft import merge_adapter_files
+  from safetensors.numpy import load_file
+  base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+  tiny_model(base, "llama", attention_bias=True, mlp_bias=True)
+  torch.manual_seed(1)
+  kk = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+  pm = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(**{**kk, **kw}))
+  _train_everything(pm)
+  pm.eval().save_pretrained(adapter)
+  ids = _ids(seed=4)
+  with torch.no_grad():
+    ref = pm(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  model, variables, config = load_hf(base)
+  plain = _logits(model, variables["params"], ids)
+  adapted = load_peft(adapter, variables["params"], config.model_type)
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a merged fallback warns: every adapter must run unmerged
+    ours = _logits(model, adapted, ids)
+  assert np.abs(ours - plain).max() > 1e-2
+  np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
+  # jax-lora merge on the files == PEFT's merge_and_unload
+  merged = str(tmp_path / "merged")
+  merge_adapter_files(base, adapter, merged)
+  got = load_file(os.path.join(merged, "model.safetensors"))
+  want = {k: v.numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+  assert set(got) == set(want)
+  for k in got:
+    np.testing.assert_allclose(got[k], want[k], atol=2e-6, err_msg=k)
+  # saved back with the same bias/modules_to_save: PEFT loads it with equal logits
+  out = str(tmp_path / "ours")
+  tti = {"embed_tokens": kw["trainable_token_indices"]} if "trainable_token_indices" in kw else None
+  save_peft(out, adapted, config.model_type, bias=kw.get("bias", "none"), modules_to_save=kw.get("modules_to_save", ()),
+            trainable_token_indices=tti)
+  again = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), out).eval()
+  with torch.no_grad():
+    back = again(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(back, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_one_resolver_for_load_and_merge(llama, tmp_path):
+  """An adapter saved from the bare LlamaModel (modules 'layers.0…', no 'model.') fits neither way."""
+  from jax_lora.peft import merge_adapter_files
+  base = llama[0]
+  folder = str(tmp_path / "bare")
+  _write_adapter(folder, {"peft_type": "LORA", "r": 2},
+                 {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 32), np.float32),
+                  "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((32, 2), np.float32)})
+  _, variables, cfg = load_hf(base)
+  with pytest.raises(ValueError, match="not in the base"):
+    load_peft(folder, variables["params"], cfg.model_type)
+  with pytest.raises(ValueError, match="not in the base"):
+    merge_adapter_files(base, folder, str(tmp_path / "m"))
+  assert not os.path.exists(tmp_path / "m")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dora_matches_peft(tmp_path, kind):
+  """DoRA: PEFT's adapter loads with equal logits and A/B/magnitude gradients; merges (ours, files) and
+  saves back equal PEFT."""
+  from jax_lora.peft import merge_adapter_files
+  from safetensors.numpy import load_file
+  base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+  tiny_model(base, kind)
+  pm = peft_adapter(base, adapter, kind, use_dora=True)
+  _train_everything(pm)  # magnitudes move away from ‖W + s·BA‖ as after training
+  pm.save_pretrained(adapter)
+  ids = _ids(seed=6)
+  probe = np.random.default_rng(0).standard_normal((*ids.shape, 32)).astype(np.float32)
+  out = pm(input_ids=torch.tensor(ids, dtype=torch.long)).logits
+  (out * torch.tensor(probe)).sum().backward()
+  ref = out.detach().numpy()
+  model, variables, config = load_hf(base)
+  adapted = load_peft(adapter, variables["params"], config.model_type)
+  lws = jl.adapters.lora_weights(adapted)
+  assert all(lw.m is not None for lw in lws.values()) and len(lws) == (6 if kind == "llama" else 4)
+  np.testing.assert_allclose(_logits(model, adapted, ids), ref, atol=2e-5, rtol=1e-5)
+  # gradients of A, B and the magnitude equal PEFT's (the norm is not differentiated in either)
+  trainable, frozen = jl.split(adapted)
+  loss = lambda t: jnp.sum(jl.linen.apply(model, jl.combine(t, frozen), jnp.asarray(ids))[0] * probe)
+  grads = jl.adapters.lora_weights(jax.grad(loss)(trainable))
+  tmods = dict(pm.named_modules())
+  for p, g in grads.items():
+    mod = tmods["base_model.model." + jax_lora.peft.path_to_module(p, config.model_type)]
+    np.testing.assert_allclose(np.asarray(g.a).T, mod.lora_A["default"].weight.grad.numpy(), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(g.b).T, mod.lora_B["default"].weight.grad.numpy(), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(g.m), mod.lora_magnitude_vector["default"].weight.grad.numpy(),
+                               atol=1e-4, rtol=1e-3)
+  # merged in the library == unmerged
+  np.testing.assert_allclose(_logits(model, jl.merge(adapted), ids), ref, atol=2e-5, rtol=1e-5)
+  # merged on the files == PEFT's merge_and_unload
+  merged = str(tmp_path / "merged")
+  merge_adapter_files(base, adapter, merged)
+  got = load_file(os.path.join(merged, "model.safetensors"))
+  want = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+  for k in got:
+    np.testing.assert_allclose(got[k], want[k], atol=2e-6, err_msg=k)
+  # saved back: PEFT loads it with equal logits, and the files hold the same tensors
+  back = str(tmp_path / "ours")
+  save_peft(back, adapted, config.model_type)
+  assert json.load(open(os.path.join(back, "adapter_config.json")))["use_dora"] is True
+  a, b = load_file(os.path.join(adapter, "adapter_model.safetensors")), load_file(os.path.join(back, "adapter_model.safetensors"))
+  assert a.keys() == b.keys()
+  again = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), back).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(again(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy(), ref,
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_lora_on_tied_embedding_is_refused(tmp_path):
+  """PEFT applies embedding LoRA to the lookup only but merges it into the tied head too: refuse."""
+  base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+  tiny_model(base, "llama", tie_word_embeddings=True)
+  peft_adapter(base, adapter, "llama", target_modules=["q_proj", "embed_tokens"])
+  model, variables, config = load_hf(base)
+  adapted = load_peft(adapter, variables["params"], config.model_type)
+  with pytest.raises(ValueError, match="tied embeddings"):
+    _logits(model, adapted, _ids())
+
+
+def test_merge_refuses_integer_base_weights(llama, tmp_path):
+  """A base whose safetensors header says I32 where the weights are F32 is refused, not merged as ints."""
+  from safetensors.numpy import load_file, save_file
+  from jax_lora.peft import merge_adapter_files
+  import shutil
+  base, adapter, _ = llama
+  bad = str(tmp_path / "bad")
+  shutil.copytree(base, bad)
+  st = os.path.join(bad, "model.safetensors")
+  t = load_file(st)
+  t["model.norm.weight"] = t["model.norm.weight"].view(np.int32)
+  save_file(t, st)
+  with pytest.raises(ValueError, match="non-floating weights 'model.norm.weight"):
+    merge_adapter_files(bad, adapter, str(tmp_path / "m"))

@@ -132,10 +132,19 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array, *, apply=None) ->
     lay = config.layout_for(path, len(w.shape), traced.get(path))
     r, alpha = config.rank_for(path), config.alpha_for(path)
     w, a, b = _init_factors(path, w, lay, r, alpha, config, key)
-    return LoraWeight(w=w, a=a, b=b, alpha=alpha, rank=r, layout=lay, path=path,
-                      rslora=config.use_rslora, dropout=config.dropout)
+    lw = LoraWeight(w=w, a=a, b=b, alpha=alpha, rank=r, layout=lay, path=path,
+                    rslora=config.use_rslora, dropout=config.dropout)
+    return dataclasses.replace(lw, m=dora_magnitude(lw)) if config.use_dora else lw
 
   return map_leaves(f, params)
+
+
+def dora_magnitude(lw: LoraWeight) -> jax.Array:
+  """DoRA's initial magnitude: ``‖W + s·A@B‖`` over the input axes, shaped ``(*batch, *out)``
+  like ``b`` without its rank axis (float32, or A's dtype when set)."""
+  ins = tuple(i for i, c in enumerate(lw.layout) if c == "i")
+  m = jnp.sqrt(jnp.sum(jnp.square(merged_kernel(dataclasses.replace(lw, m=None), jnp.float32)), axis=ins))
+  return m.astype(lw.a.dtype)
 
 
 def lora_weights(adapted: Any) -> dict[str, LoraWeight]:
@@ -172,7 +181,7 @@ def split(adapted: Any, bias: str = "none") -> tuple[Any, Any]:
 
   def frozen(path, v):
     if isinstance(v, LoraWeight):
-      return dataclasses.replace(v, a=None, b=None)
+      return dataclasses.replace(v, a=None, b=None, m=None)
     return None if path in bias_paths else v
 
   return map_leaves(trainable, adapted), map_leaves(frozen, adapted)
@@ -216,6 +225,9 @@ def unmerge(merged: Any, adapted: Any) -> Any:
     m = ws[path]
     if tuple(m.shape) != v.shape:
       raise ValueError(f"unmerge: {path!r} has shape {tuple(m.shape)} in the merged params but {v.shape} in the adapter")
+    if v.m is not None:
+      raise ValueError(f"unmerge: {path!r} is a DoRA adapter, whose merge rescales columns by a norm of the lost "
+                       "base; keep the base params instead of unmerging")
     w = (m.astype(jnp.float32) - v.delta(jnp.float32)).astype(m.dtype)
     return dataclasses.replace(v, w=w)
 
@@ -266,7 +278,7 @@ def param_report(adapted: Any, bias: str = "none") -> ParamReport:
   rows = []
   for p, v in flat.items():
     if isinstance(v, LoraWeight):
-      n = int(np.prod(v.a.shape) + np.prod(v.b.shape))
+      n = int(np.prod(v.a.shape) + np.prod(v.b.shape) + (0 if v.m is None else np.prod(v.m.shape)))
       rows.append((p, v.shape, v.rank, n))
       trainable += n
       total += n + int(np.prod(v.shape))

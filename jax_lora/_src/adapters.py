@@ -81,6 +81,10 @@ def combine_adapters(adapters: Sequence[Mapping[str, LoraWeight]], weights: Sequ
     raise ValueError(f"combine_adapters: got {len(adapters)} adapters and {len(weights)} weights; give one weight each")
   if how not in ("cat", "linear"):
     raise ValueError(f"combine_adapters: how must be 'cat' or 'linear', got {how!r}")
+  dora = sorted(p for ad in adapters for p, lw in ad.items() if lw.m is not None)
+  if dora:
+    raise ValueError(f"combine_adapters: {dora[0]!r} is a DoRA adapter; weighted combinations are defined for plain "
+                     "LoRA only (as in PEFT)")
   if how == "linear":
     ranks = {lw.rank for ad in adapters for lw in ad.values()}
     if len(ranks) > 1:
@@ -133,7 +137,11 @@ class AdapterBank:
 
   def add_peft(self, name: str, folder: str, model_type: str = "llama") -> "AdapterBank":
     """A bank with the PEFT adapter folder ``folder`` added under ``name``."""
-    from jax_lora._src.peft import load_peft
+    from jax_lora._src.peft import full_tensors, load_peft, read_peft
+    whole = full_tensors(read_peft(folder))
+    if whole:
+      raise ValueError(f"{folder}: the adapter also replaces whole tensors ({', '.join(sorted(whole)[:3])}), which "
+                       "adapters sharing one base cannot; load it with jax_lora.peft.load_peft instead")
     return self.add(name, extract(load_peft(folder, self.base, model_type)))
 
   def remove(self, name: str) -> "AdapterBank":

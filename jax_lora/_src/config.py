@@ -30,12 +30,12 @@ def target_pattern(target: str) -> str:
   "/"-joined paths.
 
   >>> target_pattern("q_proj")
-  '(.*/)?q_proj(/kernel)?'
+  '(.*/)?q_proj(/kernel|/embedding)?'
   """
   if target in ("all-linear", "all_linear"):
     return ALL_LINEAR
   if re.fullmatch(r"\w+", target):
-    return rf"(.*/)?{target}(/kernel)?"
+    return rf"(.*/)?{target}(/kernel|/embedding)?"
   return target
 
 
@@ -58,7 +58,7 @@ class LoraConfig:
   Example:
     >>> cfg = LoraConfig(rank=8, alpha=16, targets=("q_proj", "v_proj"))
     >>> cfg.target_patterns
-    ('(.*/)?q_proj(/kernel)?', '(.*/)?v_proj(/kernel)?')
+    ('(.*/)?q_proj(/kernel|/embedding)?', '(.*/)?v_proj(/kernel|/embedding)?')
   """
 
   # Rank r of the update B·A (A: in→r, B: r→out).
@@ -88,6 +88,9 @@ class LoraConfig:
   layouts: tuple[tuple[str, str], ...] = ()
   # dtype of A and B (None: float32).
   dtype: str | None = None
+  # DoRA (weight-decomposed LoRA, PEFT's use_dora): a trainable magnitude per output,
+  # initialised to the kernel's column norms ‖W‖ over its input axes.
+  use_dora: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "rank_pattern", _freeze_mapping(self.rank_pattern))

@@ -59,6 +59,10 @@ def _call_einsum(m: nn.Einsum, kernel, x, rng, einsum_str=None):
   return y
 
 
+def _call_embed(m: nn.Embed, table, ids, rng):
+  return ops.embed(ids, table, dtype=m.dtype)
+
+
 def _call_conv(m: nn.Conv, kernel, x, rng):
   """PEFT's Conv LoRA, unmerged: ``conv(x, W) + s · conv(x, A) @ B`` with ``A`` a conv kernel
   ``(*window, in, r)`` and ``B`` ``(r, out)`` (layout 'i' for the window and input axes,
@@ -73,9 +77,9 @@ def _call_conv(m: nn.Conv, kernel, x, rng):
   y = m.clone(parent=None).apply({"params": params}, x)
   if lw is None:
     return y
-  if lw.layout != "i" * (len(lw.layout) - 1) + "o":
-    raise ValueError(f"conv kernel {lw.path!r} has LoRA layout {lw.layout!r}; a conv kernel (*window, in, out) "
-                     f"needs {'i' * (len(lw.layout) - 1) + 'o'!r}")
+  if lw.layout != "i" * (len(lw.layout) - 1) + "o" or lw.m is not None:
+    raise ValueError(f"conv kernel {lw.path!r} has LoRA layout {lw.layout!r}{' with DoRA' if lw.m is not None else ''}; "
+                     f"a conv kernel (*window, in, out) needs {'i' * (len(lw.layout) - 1) + 'o'!r} and no DoRA")
   ops.note_consumed(lw.path)
   xd = ops.lora_dropout(x, lw.dropout, rng, lw.path)
   xa = m.clone(parent=None, features=lw.rank, use_bias=False).apply({"params": {"kernel": lw.a.astype(dtype)}}, xd)
@@ -85,20 +89,31 @@ def _call_conv(m: nn.Conv, kernel, x, rng):
 def _handler(m):
   # Exact types only: subclasses may change the math.
   return {nn.Dense: _call_dense, nn.DenseGeneral: _call_dense_general, nn.Einsum: _call_einsum,
-          nn.Conv: _call_conv}.get(type(m))
+          nn.Embed: _call_embed, nn.Conv: _call_conv}.get(type(m))
+
+
+def _param_name(m) -> str:
+  return "embedding" if type(m) is nn.Embed else "kernel"
 
 
 def _interceptor(next_fun, args, kwargs, context):
   m = context.module
+  if type(m) is nn.Embed and context.method_name == "attend" and getattr(_local, "probe", None) is None:
+    table = m.get_variable("params", "embedding")
+    if isinstance(table, ops.LoraWeight):
+      raise ValueError(f"{_module_path(m)!r}: LoRA on an embedding that is also the output layer (tied "
+                       "embeddings): PEFT applies it to the lookup only but merges it into both; untie the "
+                       "head or train the embedding whole (modules_to_save) instead")
   handler = _handler(m) if context.method_name == "__call__" else None
-  if handler is None or not m.has_variable("params", "kernel"):
+  name = _param_name(m)
+  if handler is None or not m.has_variable("params", name):
     return next_fun(*args, **kwargs)
   probe = getattr(_local, "probe", None)
   if probe is not None:  # shape-only probe: which kernels can the fast path take?
     seen, bad = probe
-    (bad if _unsupported(m, args[1:], kwargs) else seen).add(_module_path(m) + "/kernel")
+    (bad if _unsupported(m, args[1:], kwargs) else seen).add(_module_path(m) + "/" + name)
     return next_fun(*args, **kwargs)
-  kernel = m.get_variable("params", "kernel")
+  kernel = m.get_variable("params", name)
   if not is_special(kernel):
     return next_fun(*args, **kwargs)
   rng = getattr(_local, "rng", None)

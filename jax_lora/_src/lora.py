@@ -28,6 +28,7 @@ __all__ = [
     "LoraWeight",
     "LoraUsageError",
     "merged_kernel",
+    "weight_norm",
     "lora_matmul",
     "dense",
     "dense_general",
@@ -35,6 +36,7 @@ __all__ = [
     "einsum_layout",
     "parse_einsum",
     "dot",
+    "embed",
     "matvec",
     "dropout_key",
     "record_consumed",
@@ -81,6 +83,9 @@ class LoraWeight:
   path: str = dataclasses.field(default="", metadata=dict(static=True))
   rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
   dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+  # DoRA's magnitude (*batch, *out), trainable; None for plain LoRA. With it the layer computes
+  # ``m / ‖W + s·A@B‖ · (x@W + s·(x@A)@B)`` (norm over the input axes, not differentiated).
+  m: Any = None
 
   @property
   def scale(self) -> float:
@@ -108,7 +113,8 @@ class LoraWeight:
 
   def __repr__(self):
     shp = None if self.w is None else tuple(self.w.shape)
-    return f"LoraWeight(path={self.path!r}, shape={shp}, rank={self.rank}, alpha={self.alpha})"
+    dora = ", dora" if self.m is not None else ""
+    return f"LoraWeight(path={self.path!r}, shape={shp}, rank={self.rank}, alpha={self.alpha}{dora})"
 
   # Any other use as an array is refused with a LoraUsageError (never silently wrong).
   def _refuse(self, what):
@@ -175,9 +181,27 @@ def delta(a: jax.Array, b: jax.Array, scale: float, layout: str, dtype=jnp.float
 
 def merged_kernel(lw: LoraWeight, dtype=None) -> jax.Array:
   """``W + scale·A@B``, added in float32 and cast to ``dtype`` (default: the base's
-  dtype; a quantized base is dequantized first). The one merge every path uses."""
+  dtype; a quantized base is dequantized first). The one merge every path uses.
+  With DoRA (``lw.m``) each output column is rescaled to norm ``m``, as PEFT merges."""
   out = lw.w.dtype if dtype is None else dtype
-  return (materialize(lw.w, jnp.float32) + lw.delta(jnp.float32)).astype(out)
+  merged = materialize(lw.w, jnp.float32) + lw.delta(jnp.float32)
+  if lw.m is not None:
+    ins = tuple(i for i, c in enumerate(lw.layout) if c == "i")
+    norm = jnp.sqrt(jnp.sum(jnp.square(merged), axis=ins, keepdims=True))
+    merged = merged * (jnp.expand_dims(lw.m.astype(jnp.float32), ins) / norm)
+  return merged.astype(out)
+
+
+def weight_norm(w: Any, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """``‖W + scale·A@B‖`` per output column of a 2-D (in, out) kernel, in float32, from
+  thin products only (``‖W‖² + 2s·⟨WᵀA, Bᵀ⟩ + s²·Bᵀ(AᵀA)B``): no dense ``A@B``. DoRA's norm."""
+  w = materialize(w, jnp.float32)
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  wa = jnp.dot(w.T, a, precision=hi)  # (out, r)
+  sq = (jnp.sum(jnp.square(w), axis=0) + 2 * scale * jnp.sum(wa * b.T, axis=1)
+        + scale * scale * jnp.sum(b * jnp.dot(jnp.dot(a.T, a, precision=hi), b, precision=hi), axis=0))
+  return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
 # ----------------------------------------------------------------------------- call-scoped state
@@ -383,6 +407,10 @@ def dense(x: jax.Array, kernel: Any, bias: jax.Array | None = None, *, n_in: int
       raise ValueError(f"LoRA A for {lw.path!r} has {a2.shape[0]} input features but the layer gets {x2.shape[1]}")
     xd = _dropout(x2, lw.dropout, rng, lw.path)
     y = lora_matmul(x2, base, a2, b2, lw.scale, x_lora=xd, precision=precision, dtype=dtype)
+    if lw.m is not None:  # DoRA: rescale each output to magnitude m (the norm is a constant)
+      w2 = base.reshape(x2.shape[1], -1) if not is_quantized(base) else _w2_after(base, x2, jnp.float32, x2.shape[1])
+      norm = jax.lax.stop_gradient(weight_norm(w2, a2, b2, lw.scale))
+      y = y * (lw.m.reshape(-1).astype(jnp.float32) / norm).astype(y.dtype)
   y = y.reshape(lead + tuple(outs))
   if bias is not None:
     y = y + bias.astype(dtype)
@@ -415,6 +443,28 @@ def dot(x: jax.Array, w: Any, *, rng: jax.Array | None = None, precision=None) -
   return dense(x, w, n_in=1, precision=precision, rng=rng)
 
 
+def embed(ids: jax.Array, table: Any, *, dtype=None) -> jax.Array:
+  """``table[ids]`` for a plain, quantized or LoRA embedding table ``(vocab, d)``.
+
+  A LoRA table (layout "io": ``a`` (vocab, r), ``b`` (r, d)) adds ``s·a[ids] @ b``,
+  PEFT's LoRA Embedding, without forming ``a @ b``; no dropout (as PEFT).
+
+  >>> import jax_lora as jl
+  >>> t = jl.init_lora({"embedding": jnp.eye(4)}, jl.LoraConfig(rank=1, targets=("embedding",)), jax.random.key(0))
+  >>> jl.embed(jnp.array([[1, 2]]), t["embedding"]).shape
+  (1, 2, 4)
+  """
+  lw = table if isinstance(table, LoraWeight) else None
+  base = lw.w if lw is not None else table
+  w = materialize(base, dtype)
+  y = jnp.take(w, ids, axis=0)
+  if lw is None:
+    return y
+  if lw.layout != "io" or lw.m is not None or len(lw.w.shape) != 2:
+    raise ValueError(f"{lw.path!r}: LoRA on an embedding needs a plain (vocab, d) table (layout 'io', no DoRA)")
+  _note(lw.path)
+  xa = jnp.take(lw.a.astype(y.dtype), ids, axis=0) * jnp.asarray(lw.scale, y.dtype)
+  return y + jnp.einsum("...r,rd->...d", xa, lw.b.astype(y.dtype))
 def matvec(w: Any, x: jax.Array, *, rng: jax.Array | None = None, precision=None) -> jax.Array:
   """``w @ x`` for an ``(out, in)`` kernel (PyTorch / Equinox order; LoRA layout "oi"):
   ``W@x + s·B^T(A^T x)``, unmerged. ``x`` is ``(in,)`` or ``(in, n)``.
@@ -427,9 +477,9 @@ def matvec(w: Any, x: jax.Array, *, rng: jax.Array | None = None, precision=None
   """
   if not isinstance(w, LoraWeight):
     return jnp.matmul(materialize(w), x, precision=precision)
-  if w.layout != "oi" or x.ndim not in (1, 2):
-    raise LoraUsageError(w.path, f"w @ x with layout {w.layout!r} and x of shape {tuple(x.shape)} "
-                                 "(needs layout 'oi' and a 1-D or 2-D x)")
+  if w.layout != "oi" or x.ndim not in (1, 2) or w.m is not None:
+    raise LoraUsageError(w.path, f"w @ x with layout {w.layout!r}, x of shape {tuple(x.shape)}"
+                                 f"{' and DoRA' if w.m is not None else ''} (needs layout 'oi', a 1-D or 2-D x, no DoRA)")
   if rng is None:
     rng = getattr(_state, "rng", None)
   _note(w.path)
@@ -478,6 +528,9 @@ def einsum(spec: str, x: jax.Array, kernel: Any, *, dtype=None, precision=None, 
   y = jnp.einsum(spec, x, w, precision=precision)
   if lw is None:
     return y
+  if lw.m is not None:
+    raise ValueError(f"{lw.path!r}: DoRA is implemented for dense kernels (x @ W, Dense, DenseGeneral), "
+                     f"not for einsum {spec!r}; use plain LoRA here")
   _note(lw.path)
   parsed = parse_einsum(spec)
   if parsed is None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from jax_lora._src.files import atomic_folder, read_safetensors
-from jax_lora._src.peft import adapter_modules, few, read_peft
+from jax_lora._src.peft import adapter_modules, few, full_tensors, is_floating, read_peft, resolve_keys, token_rows
 
 __all__ = ["merged_tensors", "merge_adapter_files", "copy_side_files", "save_tensors", "SIDE_FILES", "CONV1D_MODEL_TYPES"]
 
@@ -29,54 +29,74 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "chat_template.jinja", "chat_template.json", "vocab.txt", "spiece.model")
 
 
-def _base_key(module: str, keys: set[str]) -> str | None:
-  want = module + ".weight"
-  if want in keys:
-    return want
-  # checkpoints saved from the bare model lack the head's prefix ("transformer.", "model.")
-  cands = [k for k in keys if want.endswith("." + k) or k.endswith("." + want)]
-  return cands[0] if len(cands) == 1 else None
-
-
-def merged_tensors(base: dict[str, Any], adapter_folder: str, fan_in_fan_out: bool | None = None) -> dict[str, Any]:
+def merged_tensors(base: dict[str, Any], adapter_folder: str, fan_in_fan_out: bool | None = None,
+                   model_type: str | None = None) -> dict[str, Any]:
   """Base tensors with the adapter folded in (float32 math, stored back in each weight's dtype).
 
   ``fan_in_fan_out`` (weights stored (in, out), GPT-2's Conv1D) defaults to the
   adapter config's value; PEFT forces it on for Conv1D bases, so pass True for them.
+  Adapter names find base keys by :func:`jax_lora.peft.resolve_keys` (``model_type``
+  lets it match the family's other spellings of a key). Whole tensors the adapter
+  carries (trained biases, ``modules_to_save``) replace the base's.
 
   Raises:
-    ValueError: adapter modules with no ``<module>.weight`` in the base, or shapes that do not fit.
+    ValueError: adapter modules or tensors with no key in the base, shapes that do not
+      fit, or a non-floating base weight.
   """
   adapter = read_peft(adapter_folder)
   mods = adapter_modules(adapter)
+  full = full_tensors(adapter)
   if fan_in_fan_out is None:
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False))
-  keys = set(base)
-  found, missing, bad = {}, [], []
+  found, missing = resolve_keys([m + ".weight" for m in mods] + list(full), base, model_type)
+  if missing:
+    raise ValueError(f"{adapter_folder}: adapter modules/tensors not in the base model: {few(missing)}; "
+                     "wrong base model?")
+  bad = []
   for mod, e in mods.items():
-    k = _base_key(mod, keys)
-    if k is None:
-      missing.append(mod)
-      continue
+    k = found[mod + ".weight"]
     w = base[k]
-    want = (e["A"].shape[1], e["B"].shape[0]) if fan_in_fan_out else (e["B"].shape[0], e["A"].shape[1])
+    t = fan_in_fan_out or e["embedding"]  # stored (in, out): Conv1D, or an embedding (vocab, d)
+    want = (e["A"].shape[1], e["B"].shape[0]) if t else (e["B"].shape[0], e["A"].shape[1])
     if w.ndim != 2 or tuple(w.shape) != want:
       bad.append(f"{k}: {tuple(w.shape)} but the adapter implies {want}")
-    found[mod] = k
-  if missing:
-    raise ValueError(f"{adapter_folder}: adapter modules with no '<module>.weight' in the base: {few(missing)}; "
-                     "wrong base model?")
+    elif not is_floating(w):
+      bad.append(f"{k}: dtype {w.dtype} is not floating (a damaged header?)")
+  for key, v in full.items():
+    k = found[key]
+    if tuple(base[k].shape) != tuple(v.shape):
+      bad.append(f"{key}: {tuple(v.shape)} but the base's {k} is {tuple(base[k].shape)}")
   if bad:
-    raise ValueError(f"{adapter_folder}: adapter shapes do not fit the base: {'; '.join(bad[:3])}")
+    raise ValueError(f"{adapter_folder}: adapter does not fit the base: {'; '.join(bad[:3])}")
+  rows = token_rows(adapter)
+  found_rows, missing = resolve_keys(list(rows), base, model_type)
+  if missing:
+    raise ValueError(f"{adapter_folder}: trainable tokens for {few(missing)}, not in the base model")
   out = dict(base)
-  for mod, k in found.items():
-    e = mods[mod]
+  for key, (ids, r) in rows.items():
+    k = found_rows[key]
+    if base[k].ndim != 2 or base[k].shape[1] != r.shape[1] or ids.max(initial=0) >= base[k].shape[0]:
+      raise ValueError(f"{adapter_folder}: trainable tokens {key!r} do not fit {k} {tuple(base[k].shape)}")
+    table = np.array(base[k])
+    table[ids] = r.astype(table.dtype)
+    out[k] = table
+  for key, v in full.items():
+    k = found[key]
+    out[k] = v.astype(base[k].dtype)
+  for mod, e in mods.items():
+    k = found[mod + ".weight"]
     s = e["alpha"] / (math.sqrt(e["rank"]) if e["rslora"] else e["rank"])
     delta = (e["B"].astype(np.float32) @ e["A"].astype(np.float32)) * np.float32(s)
-    if fan_in_fan_out:
+    t = fan_in_fan_out or e["embedding"]
+    if t:
       delta = delta.T
-    w = base[k]
-    out[k] = (w.astype(np.float32) + delta).astype(w.dtype)
+    w = out[k]
+    merged = w.astype(np.float32) + delta
+    if e["M"] is not None:  # DoRA: every output row (column with fan_in_fan_out) gets norm M
+      ax = 0 if t else 1
+      norm = np.sqrt(np.sum(np.square(merged), axis=ax, keepdims=True))
+      merged = merged * (e["M"].astype(np.float32).reshape(norm.shape) / norm)
+    out[k] = merged.astype(w.dtype)
   return out
 
 
@@ -108,6 +128,12 @@ def _cast(tensors: dict[str, Any], dtype: str | None) -> dict[str, Any]:
           for k, v in tensors.items()}
 
 
+def _known(model_type: str | None) -> str | None:
+  """``model_type`` if our model families know its key spellings, else None (exact keys only)."""
+  from jax_lora.models.hf import FAMILIES
+  return model_type if model_type in FAMILIES else None
+
+
 def save_tensors(path: str, tensors: dict[str, Any]) -> None:
   """Writes ``{key: numpy array}`` (bf16 allowed) as safetensors with metadata format=pt."""
   from safetensors.flax import save_file
@@ -130,11 +156,16 @@ def merge_adapter_files(base: str, adapter: str, out: str, dtype: str | None = N
   with open(os.path.join(base, "config.json")) as f:
     model_type = json.load(f).get("model_type")
   tensors = read_safetensors(base)
+  if _known(model_type):  # our families' weights are all floating: an integer one is a damaged header
+    ints = [f"{k} ({v.dtype})" for k, v in tensors.items() if not is_floating(v)]
+    if ints:
+      raise ValueError(f"{base}: non-floating weights {few(ints)}; a {model_type} checkpoint holds floats "
+                       "(a damaged safetensors header?)")
   if dtype == "float32":  # widen before merging so bf16 bases merge in float32
     tensors = _cast(tensors, dtype)
   # GPT-2's Conv1D stores (in, out): PEFT merges transposed there whatever the adapter config says
   conv1d = True if model_type in CONV1D_MODEL_TYPES else None
-  tensors = _cast(merged_tensors(tensors, adapter, conv1d), dtype)
+  tensors = _cast(merged_tensors(tensors, adapter, conv1d, model_type=_known(model_type)), dtype)
   with atomic_folder(out) as tmp:
     copy_side_files(base, tmp, dtype)
     save_tensors(os.path.join(tmp, "model.safetensors"), tensors)

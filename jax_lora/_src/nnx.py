@@ -90,7 +90,7 @@ def _conv(m, kernel, x):
   y = nnx.Conv.__call__(_View(m, kernel=materialize(base, dtype), bias=_bias(m)), x)
   if lw is None:
     return y
-  if lw.layout != "i" * (len(lw.layout) - 1) + "o":
+  if lw.layout != "i" * (len(lw.layout) - 1) + "o" or lw.m is not None:
     return None
   ops.note_consumed(lw.path)
   xd = ops.lora_dropout(x, lw.dropout, _rng(), lw.path)

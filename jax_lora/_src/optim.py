@@ -19,7 +19,7 @@ def _labels(adapted: Any, bias: str) -> Any:
 
   def lab(path, v):
     if isinstance(v, LoraWeight):
-      return dataclasses.replace(v, w="frozen", a="lora", b="lora")
+      return dataclasses.replace(v, w="frozen", a="lora", b="lora", m=None if v.m is None else "lora")
     return "lora" if path in bias_paths else "frozen"
 
   return map_leaves(lab, adapted)

@@ -246,7 +246,8 @@ def param_specs(adapted: Any, rules: ShardingRules, mesh: Mesh) -> Any:
       if v.w is None:
         k_spec = rules.spec(path, _lora_kernel_shape(v), mesh)
       a_spec, b_spec = lora_specs(k_spec, v.layout)
-      return dataclasses.replace(v, w=w_spec, a=None if v.a is None else a_spec, b=None if v.b is None else b_spec)
+      return dataclasses.replace(v, w=w_spec, a=None if v.a is None else a_spec, b=None if v.b is None else b_spec,
+                                 m=None if v.m is None else P())
     if is_quantized(v):
       return base_spec(path, v)[0]
     return rules.spec(path, tuple(getattr(v, "shape", None) or np.shape(v)), mesh)
