@@ -144,8 +144,8 @@ def test_all_linear_on_tunix_style_w_params():
   lays = {p: v.layout for p, v in adapters.lora_weights(ad).items()}
   assert lays == {"q/w": "ioo", "o/w": "iio", "mlp/kernel": "io"}  # lm_head and the embedding excluded
   assert "lm_head/w" not in lays
-  # the name rule without a trace: kernel leaves only, and never an lm_head's
-  named = jl.init_lora({"lm_head": {"kernel": jnp.ones((4, 8))}, "mlp": {"kernel": jnp.ones((4, 4))}},
+  # the name rule without a trace: kernel leaves only (tunix's 'w' would be missed)
+  named = jl.init_lora({"w": jnp.ones((4, 8)), "mlp": {"kernel": jnp.ones((4, 4))}},
                        jl.LoraConfig(rank=1, targets=("all-linear",)), jax.random.key(0))
   assert list(adapters.lora_weights(named)) == ["mlp/kernel"]
   # jnp.einsum on a LoRA weight cannot run unmerged: merged per call, exact, with a warning
@@ -182,3 +182,27 @@ def test_conv_lora_unmerged_equals_merged():
   # unmerged: the stem's conv runs on W and on the rank-2 A, never on W + s·A@B
   text = str(jax.make_jaxpr(unmerged)(trainable))
   assert re.search(r"f32\[2,2,2,2\] = conv_general_dilated", text)  # conv(x, A): rank-2 output channels
+
+
+class BNNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = nn.BatchNorm(use_running_average=not train)(nn.Dense(32, name="up")(x))
+    return nn.Dense(4, name="out")(nn.Dropout(0.5, deterministic=not train)(nn.relu(h)))
+
+
+def test_linen_batchnorm_dropout_state_returned():
+  model, x = BNNet(), jax.random.normal(jax.random.key(2), (8, 16))
+  variables = model.init(jax.random.key(0), x, train=False)
+  ad = _bump(jl.init_lora(variables["params"], jl.LoraConfig(rank=2, targets=("all-linear",)), jax.random.key(1),
+                          apply=lambda p: model.apply({**variables, "params": p}, x, train=False)))
+  assert list(adapters.lora_weights(ad)) == ["up/kernel"]
+  kw = dict(mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    y, upd = jl.linen.apply(model, ad, x, True, variables={"batch_stats": variables["batch_stats"]}, **kw)
+  y_ref, upd_ref = model.apply({"params": jl.merge(ad), "batch_stats": variables["batch_stats"]}, x, True, **kw)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(upd), jax.tree.leaves(upd_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  assert not np.allclose(np.asarray(upd["batch_stats"]["BatchNorm_0"]["mean"]), 0)

@@ -98,7 +98,8 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array, *, apply=None) ->
     config: what to adapt and how.
     key: PRNG key; each path gets ``fold_in(key, crc32(path))``.
     apply: optional ``apply(params) -> outputs`` running the model on example inputs
-      (e.g. ``lambda p: model.apply({"params": p}, x)``); it is only traced
+      (e.g. ``lambda p: model.apply({"params": p}, x)``, NNX:
+      ``lambda s: nnx.merge(graphdef, s, rest, copy=True)(x)``); it is only traced
       (``jax.make_jaxpr``, shapes). With it, ``"all-linear"`` means every
       parameter used as a matmul operand (``dot_general``: Dense, einsum, ``x @ w``,
       ``w @ x``), whatever it is named, except the output layer (the matmul
@@ -107,7 +108,8 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array, *, apply=None) ->
       ``lm_head``; convolutions are not matmuls. Kernels without an entry in
       ``config.layouts`` take the layout the trace shows ('i' contracted axes,
       'o' the others, 'b' scan-stacked ones). Without it, all-linear is the name
-      rule :data:`jax_lora._src.config.ALL_LINEAR` (``kernel`` leaves but ``lm_head``'s).
+      rule :data:`jax_lora._src.config.ALL_LINEAR` (every ``kernel`` leaf, an untied
+      ``lm_head``'s included).
 
   Returns:
     The same tree with each targeted kernel replaced by a :class:`LoraWeight`

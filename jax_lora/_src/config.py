@@ -14,9 +14,9 @@ __all__ = ["LoraConfig", "ALL_LINEAR", "target_pattern", "is_all_linear"]
 
 # "all-linear" by name, when no model is traced: every Flax linear kernel (Linen
 # nn.Dense/DenseGeneral/Einsum and NNX Linear/LinearGeneral/Einsum all name their
-# weight "kernel") except the output layer's ("lm_head"), as PEFT's all-linear.
-# With init_lora(..., apply=...) all-linear is found by tracing instead.
-ALL_LINEAR = r"(?!(.*/)?lm_head/)(.*/)?kernel"
+# weight "kernel"), an untied lm_head's included. With init_lora(..., apply=...)
+# all-linear is found by tracing instead, and leaves the output layer out as PEFT does.
+ALL_LINEAR = r"(.*/)?kernel"
 
 
 def target_pattern(target: str) -> str:

@@ -77,11 +77,9 @@ def _call_conv(m: nn.Conv, kernel, x, rng):
   y = m.clone(parent=None).apply({"params": params}, x)
   if lw is None:
     return y
-  if lw.m is not None:
-    raise ValueError(f"{lw.path!r}: DoRA on a convolution is not implemented; use plain LoRA there")
-  if lw.layout != "i" * (len(lw.layout) - 1) + "o":
-    raise ValueError(f"conv kernel {lw.path!r} has LoRA layout {lw.layout!r}; a conv kernel (*window, in, out) "
-                     f"needs {'i' * (len(lw.layout) - 1) + 'o'!r}")
+  if lw.layout != "i" * (len(lw.layout) - 1) + "o" or lw.m is not None:
+    raise ValueError(f"conv kernel {lw.path!r} has LoRA layout {lw.layout!r}{' with DoRA' if lw.m is not None else ''}; "
+                     f"a conv kernel (*window, in, out) needs {'i' * (len(lw.layout) - 1) + 'o'!r} and no DoRA")
   ops.note_consumed(lw.path)
   xd = ops.lora_dropout(x, lw.dropout, rng, lw.path)
   xa = m.clone(parent=None, features=lw.rank, use_bias=False).apply({"params": {"kernel": lw.a.astype(dtype)}}, xd)

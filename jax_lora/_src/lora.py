@@ -478,8 +478,8 @@ def matvec(w: Any, x: jax.Array, *, rng: jax.Array | None = None, precision=None
   if not isinstance(w, LoraWeight):
     return jnp.matmul(materialize(w), x, precision=precision)
   if w.layout != "oi" or x.ndim not in (1, 2) or w.m is not None:
-    raise LoraUsageError(w.path, f"w @ x with layout {w.layout!r} and x of shape {tuple(x.shape)} "
-                                 "(needs layout 'oi', a 1-D or 2-D x and no DoRA)")
+    raise LoraUsageError(w.path, f"w @ x with layout {w.layout!r}, x of shape {tuple(x.shape)}"
+                                 f"{' and DoRA' if w.m is not None else ''} (needs layout 'oi', a 1-D or 2-D x, no DoRA)")
   if rng is None:
     rng = getattr(_state, "rng", None)
   _note(w.path)

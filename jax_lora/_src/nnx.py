@@ -32,7 +32,7 @@ from flax import nnx
 from jax_lora._src import lora as ops
 from jax_lora._src.fallback import is_special, merge_unreached, special_paths
 from jax_lora._src.trace import matmul_params
-from jax_lora._src.tree import is_variable
+from jax_lora._src.tree import is_variable, materialize
 
 __all__ = ["apply", "apply_with_state", "infer_layouts"]
 
@@ -68,6 +68,36 @@ def _einsum(m, kernel, x, einsum_str=None):
   return y
 
 
+class _View:
+  """``module`` with some attributes replaced, for calling its class's ``__call__`` on other kernels."""
+
+  def __init__(self, module, **overrides):
+    self._module = module
+    self.__dict__.update(overrides)
+
+  def __getattr__(self, name):
+    return getattr(self._module, name)
+
+
+def _conv(m, kernel, x):
+  """PEFT's Conv LoRA, unmerged: ``conv(x, W) + s · conv(x, A) @ B`` (A a ``(*window, in, r)``
+  conv kernel, B ``(r, out)``), both convolutions computed by ``nnx.Conv.__call__`` itself."""
+  if m.feature_group_count != 1 or m.mask is not None or m.conv_general_dilated is not jax.lax.conv_general_dilated:
+    return None
+  lw = kernel if isinstance(kernel, ops.LoraWeight) else None
+  base = lw.w if lw is not None else kernel
+  dtype = ops.compute_dtype(x, base, m.dtype)
+  y = nnx.Conv.__call__(_View(m, kernel=materialize(base, dtype), bias=_bias(m)), x)
+  if lw is None:
+    return y
+  if lw.layout != "i" * (len(lw.layout) - 1) + "o" or lw.m is not None:
+    return None
+  ops.note_consumed(lw.path)
+  xd = ops.lora_dropout(x, lw.dropout, _rng(), lw.path)
+  xa = nnx.Conv.__call__(_View(m, kernel=lw.a.astype(dtype), bias=None, use_bias=False), xd)
+  return y + ops.dense(xa * jnp.asarray(lw.scale, dtype), lw.b.astype(dtype), dtype=dtype)
+
+
 def _refuse(cls, kernel, what):
   if isinstance(kernel, ops.LoraWeight):
     raise ops.LoraUsageError(kernel.path, f"{cls.__name__} {what}")
@@ -97,7 +127,8 @@ def _make(cls, handler):
 
 
 _SUBCLASSES = {cls: _make(cls, h) for cls, h in
-               ((nnx.Linear, _linear), (nnx.LinearGeneral, _linear_general), (nnx.Einsum, _einsum))}
+               ((nnx.Linear, _linear), (nnx.LinearGeneral, _linear_general), (nnx.Einsum, _einsum),
+                (nnx.Conv, _conv))}
 
 
 @contextlib.contextmanager
