@@ -139,7 +139,9 @@ def test_nf4_bf16_compute_trains_float32_adapters():
   model = LlamaForCausalLM(TINY)  # float32 layers: the quantized kernels' own compute dtype wins
   params = model.init(jax.random.key(0), ids)["params"]
   ad = jl.init_lora(params, jl.LoraConfig.all_linear(rank=4), jax.random.key(1))
-  q = jl.QuantConfig(targets=tuple(jl.adapters.lora_weights(ad)), block_size=8, dq_block_size=4, compute_dtype=jnp.bfloat16)
+  # the adapted kernels and lm_head (all-linear leaves the output layer out, as PEFT): every base matmul is NF4
+  q = jl.QuantConfig(targets=(*jl.adapters.lora_weights(ad), "lm_head/kernel"), block_size=8, dq_block_size=4,
+                     compute_dtype=jnp.bfloat16)
   tr, fr = jl.split(jl.quantize(ad, q))
   assert all(v.w.compute_dtype == jnp.bfloat16 for v in jl.adapters.lora_weights(fr).values())
 

@@ -108,8 +108,8 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array, *, apply=None) ->
       ``lm_head``; convolutions are not matmuls. Kernels without an entry in
       ``config.layouts`` take the layout the trace shows ('i' contracted axes,
       'o' the others, 'b' scan-stacked ones). Without it, all-linear is the name
-      rule :data:`jax_lora._src.config.ALL_LINEAR` (every ``kernel`` leaf, an untied
-      ``lm_head``'s included).
+      rule :data:`jax_lora._src.config.ALL_LINEAR` (every ``kernel`` leaf but an untied
+      ``lm_head``'s, as PEFT's all-linear).
 
   Returns:
     The same tree with each targeted kernel replaced by a :class:`LoraWeight`

@@ -14,9 +14,10 @@ __all__ = ["LoraConfig", "ALL_LINEAR", "target_pattern", "is_all_linear"]
 
 # "all-linear" by name, when no model is traced: every Flax linear kernel (Linen
 # nn.Dense/DenseGeneral/Einsum and NNX Linear/LinearGeneral/Einsum all name their
-# weight "kernel"), an untied lm_head's included. With init_lora(..., apply=...)
-# all-linear is found by tracing instead, and leaves the output layer out as PEFT does.
-ALL_LINEAR = r"(.*/)?kernel"
+# weight "kernel") except an untied lm_head's: PEFT's all-linear leaves the output
+# layer out, and the same words mean the same modules here. With
+# init_lora(..., apply=...) all-linear is found by tracing instead (also no output layer).
+ALL_LINEAR = r"(?!(.*/)?lm_head/)(.*/)?kernel"
 
 
 def target_pattern(target: str) -> str:
