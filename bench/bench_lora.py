@@ -46,7 +46,8 @@ def build(cfg: BenchConfig):
     return jax.value_and_grad(lambda x: mse(model.apply({"params": p}, x)))(x)
 
   def lora_parts(rank):
-    ad = jl.init_lora(params, jl.LoraConfig.all_linear(rank=rank, alpha=2.0 * rank), jax.random.key(1))
+    ad = jl.init_lora(params, jl.LoraConfig(rank=rank, alpha=2.0 * rank, targets=(r"(.*/)?kernel",)),  # every kernel
+                      jax.random.key(1))
     tr, fr = jl.split(ad)
     return tr, fr, tx.init(tr)
 

@@ -28,7 +28,7 @@ from jax_lora import quant as Q  # noqa: E402
 def build(cfg: BenchConfig, rank: int = 8):
   model, params, x, y = make(cfg)
   tx = optax.adamw(1e-4)
-  lcfg = jl.LoraConfig.all_linear(rank=rank, alpha=2.0 * rank)
+  lcfg = jl.LoraConfig(rank=rank, alpha=2.0 * rank, targets=(r"(.*/)?kernel",))  # every kernel, lm_head too
 
   @jax.jit
   def step(tr, st, fr, x):

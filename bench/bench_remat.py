@@ -29,7 +29,7 @@ from bench.timing import interleaved_medians, write_json  # noqa: E402
 def build(cfg: BenchConfig, rank: int = 8):
   _, params, x, y = make(cfg)
   tx = optax.adamw(1e-4)
-  lcfg = jl.LoraConfig.all_linear(rank=rank, alpha=2.0 * rank)
+  lcfg = jl.LoraConfig(rank=rank, alpha=2.0 * rank, targets=(r"(.*/)?kernel",))  # every kernel, lm_head too
   cases, temps = {}, {}
   for base in ("lora", "qlora"):
     p = jl.quantize(params, jl.QuantConfig(min_size=0)) if base == "qlora" else params
