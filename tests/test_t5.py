@@ -47,6 +47,13 @@ def tiny(tmp_path_factory):
   return out
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny):
+  """{kind: hf.load_hf(folder)}, loaded once: one model object per kind, so compiled functions
+  keyed on it (``_jit``, generate_seq2seq's loop) are reused across tests."""
+  return {kind: hf.load_hf(folder) for kind, (_, folder) in tiny.items()}
+
+
 def _batch(seed=0):
   """Encoder ids with a left- and a right-padded row, decoder ids with a right-padded row."""
   rng = np.random.RandomState(seed)
@@ -77,9 +84,9 @@ def _torch_logits(m, ids, mask, dids, dmask):
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_logits_match_transformers_padded_batch(tiny, kind):
-  m, folder = tiny[kind]
-  model, params, config = hf.load_hf(folder)
+def test_logits_match_transformers_padded_batch(tiny, loaded, kind):
+  m, _ = tiny[kind]
+  model, params, config = loaded[kind]
   proj, tie = KINDS[kind]
   assert (config.feed_forward_proj, config.tie_word_embeddings, config.scale_decoder_outputs) == (proj, tie, tie)
   ids, mask, dids, dmask = _batch()
@@ -89,13 +96,16 @@ def test_logits_match_transformers_padded_batch(tiny, kind):
   np.testing.assert_allclose(np.asarray(ours)[valid], _torch_logits(m, ids, mask, dids, dmask)[valid], atol=1e-4, rtol=0)
 
 
-def test_padding_side_does_not_change_logits(tiny):
-  """Relative positions are slot differences: a left-padded encoder row equals the unpadded one."""
-  model, params, _ = hf.load_hf(tiny["v1_1"][1])
-  ids, _, dids, _ = _batch(1)
-  alone, _ = _jit(model)(params, ids[:1, 3:], None, dids[:1])
-  padded, _ = _jit(model)(params, ids[:1], np.array([[0] * 3 + [1] * 8]), dids[:1])
-  np.testing.assert_allclose(np.asarray(padded), np.asarray(alone), atol=1e-5)
+def test_padding_side_does_not_change_logits(loaded):
+  """Relative positions are slot differences: a left-padded encoder row equals the same tokens
+  right-padded (which equals transformers' unpadded row: the padded-batch test above)."""
+  model, params, _ = loaded["v1_1"]
+  ids, _, dids, dmask = _batch(1)  # the padded-batch test's shapes: its compiled function is reused
+  ids[1], dids[1] = np.concatenate([ids[0, 3:], ids[0, :3]]), dids[0]
+  mask = np.array([[0] * 3 + [1] * 8, [1] * 8 + [0] * 3, [1] * 11])
+  dmask[:] = 1
+  out, _ = _jit(model)(params, ids, mask, dids, dmask)
+  np.testing.assert_allclose(np.asarray(out[0]), np.asarray(out[1]), atol=1e-5)
 
 
 def test_relative_position_buckets_equal_transformers():
@@ -123,13 +133,13 @@ def test_hf_key_mapping_known(key, path):
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_every_checkpoint_key_maps_and_peft_names_select_q_v(tiny, kind):
+def test_every_checkpoint_key_maps_and_peft_names_select_q_v(tiny, loaded, kind):
   from safetensors.numpy import load_file
 
   keys = load_file(f"{tiny[kind][1]}/model.safetensors").keys()
   for k in keys:
     assert hf.path_to_hf_key(hf.hf_key_to_path(k, "t5"), "t5") == k
-  _, params, _ = hf.load_hf(tiny[kind][1])
+  _, params, _ = loaded[kind]
   adapted = jl.init_lora(params["params"], jl.LoraConfig(rank=2, targets=("q", "v")), jax.random.key(0))
   got = {p for p, w in leaves(adapted).items() if isinstance(w, jl.LoraWeight)}
   # PEFT's target_modules=["q", "v"]: every module whose name ends in ".q" or ".v"
@@ -138,9 +148,9 @@ def test_every_checkpoint_key_maps_and_peft_names_select_q_v(tiny, kind):
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_save_hf_loads_in_transformers(tiny, kind, tmp_path):
-  m, folder = tiny[kind]
-  _, params, config = hf.load_hf(folder)
+def test_save_hf_loads_in_transformers(tiny, loaded, kind, tmp_path):
+  m, _ = tiny[kind]
+  _, params, config = loaded[kind]
   hf.save_hf(str(tmp_path), params, config)
   back = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
   ids, mask, dids, dmask = _batch()
@@ -173,9 +183,9 @@ def test_config_json_checks(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_greedy_generation_equals_transformers(tiny, kind):
-  m, folder = tiny[kind]
-  model, params, _ = hf.load_hf(folder)
+def test_greedy_generation_equals_transformers(tiny, loaded, kind):
+  m, _ = tiny[kind]
+  model, params, _ = loaded[kind]
   ids, mask, _, _ = _batch(2)
   ours = generate_seq2seq(model, params, ids, mask, max_new_tokens=8)
   with torch.no_grad():
@@ -190,12 +200,12 @@ def test_greedy_generation_equals_transformers(tiny, kind):
     np.testing.assert_array_equal(lora, ref)
 
 
-def test_cached_decode_equals_full_decoder(tiny):
+def test_cached_decode_equals_full_decoder(loaded):
   """Token-by-token decoding with the KV cache and cross K/V computed once = one full decoder pass."""
-  model, params, config = hf.load_hf(tiny["v1_1"][1])
+  model, params, config = loaded["v1_1"]
   ids, mask, dids, _ = _batch(3)
   apply = _jit(model)
-  full, _ = apply(params, ids, mask, dids)
+  full, _ = apply(params, ids, mask, dids, np.ones_like(dids))  # (the padded-batch test's compiled call)
   enc = apply(params, ids, mask, method="encode")
   cross = apply(params, enc, method="cross_kv")
   cache = hf.init_cache(config, 3, dids.shape[1])
@@ -206,10 +216,10 @@ def test_cached_decode_equals_full_decoder(tiny):
   np.testing.assert_allclose(np.stack(steps, 1), np.asarray(full), atol=1e-5)
 
 
-def test_sampling_seeded_and_top_p_tiny_is_greedy(tiny):
-  model, params, _ = hf.load_hf(tiny["v1_0"][1])
+def test_sampling_seeded_and_top_p_tiny_is_greedy(loaded):
+  model, params, _ = loaded["v1_0"]
   ids, mask, _, _ = _batch(4)
-  kw = dict(max_new_tokens=6, eos_token_id=-1)
+  kw = dict(max_new_tokens=8)  # the greedy test's settings: its compiled greedy loop is reused
   a = generate_seq2seq(model, params, ids, mask, temperature=1.0, seed=3, **kw)
   assert np.array_equal(a, generate_seq2seq(model, params, ids, mask, temperature=1.0, seed=3, **kw))
   assert not np.array_equal(a, generate_seq2seq(model, params, ids, mask, temperature=1.0, seed=4, **kw))
@@ -239,9 +249,9 @@ def _shift_right(labels, start=0):
   return np.concatenate([np.full((labels.shape[0], 1), start), labels[:, :-1]], axis=1)
 
 
-def test_peft_adapter_import_logits_and_loss(tiny, peft_v1_1):
+def test_peft_adapter_import_logits_and_loss(tiny, loaded, peft_v1_1):
   pm, folder = peft_v1_1
-  model, params, config = hf.load_hf(tiny["v1_1"][1])
+  model, params, config = loaded["v1_1"]
   adapted = jl.load_peft(folder, params["params"], config.model_type)
   assert len(jla.lora_weights(adapted)) == 16
   ids, mask, labels, lmask = _batch(5)
@@ -258,7 +268,7 @@ def test_peft_adapter_import_logits_and_loss(tiny, peft_v1_1):
   assert abs(float(nll / n) - ref_loss) < 1e-5 * max(1.0, ref_loss)
 
 
-def test_our_adapter_loads_in_peft_and_merges_like_merge_and_unload(tiny, tmp_path):
+def test_our_adapter_loads_in_peft_and_merges_like_merge_and_unload(tiny, loaded, tmp_path):
   import dataclasses
 
   import peft
@@ -266,7 +276,7 @@ def test_our_adapter_loads_in_peft_and_merges_like_merge_and_unload(tiny, tmp_pa
   from jax_lora.tree import map_leaves
 
   m, folder = tiny["v1_0"]
-  model, params, config = hf.load_hf(folder)
+  model, params, config = loaded["v1_0"]
   adapted = jl.init_lora(params["params"], jl.LoraConfig(rank=4, alpha=8, targets=("q", "v")), jax.random.key(0))
   keys = iter(jax.random.split(jax.random.key(1), 64))
   adapted = map_leaves(lambda p, w: dataclasses.replace(w, b=0.2 * jax.random.normal(next(keys), w.b.shape))
@@ -312,12 +322,13 @@ def test_lora_training_on_de_en_rows_lowers_validation_loss(tmp_path):
   from jax_lora_app import tasks
 
   with open(tasks.DING_FILE, encoding="utf-8") as f:
-    rows = tasks.de_en_rows(tasks.ding_pairs(itertools.islice(f, 40000)))
+    rows = tasks.de_en_rows(tasks.ding_pairs(itertools.islice(f, 20000)))
   assert len(rows) >= 544
 
   def batch(rs):
-    ids = np.array([_bytes(r["prompt"], 192) for r in rs])
-    labels = np.array([_bytes(r["completion"], 96) for r in rs])
+    # the German sentence alone: the task's fixed instruction tells a model trained from scratch nothing
+    ids = np.array([_bytes(r["prompt"].split("German: ", 1)[1], 96) for r in rs])
+    labels = np.array([_bytes(r["completion"], 64) for r in rs])
     return dict(ids=ids, mask=(ids > 0).astype(np.int32), dids=_shift_right(labels), labels=labels,
                 w=(labels > 0).astype(np.float32))
 
@@ -353,7 +364,7 @@ def test_lora_training_on_de_en_rows_lowers_validation_loss(tmp_path):
     if i % 100 == 99:
       curve.append(float(val_loss(trainable, val)))
   # T5's init (N(0, 1) embeddings and head) starts far above a uniform guess (ln 259 = 5.56); the
-  # adapters bring it well below that and keep lowering it (measured: 35.47, 2.93, 2.74)
+  # adapters bring it well below that and keep lowering it (measured: 34.91, 2.94, 2.74)
   assert curve[-1] < np.log(259) - 2.5 and curve[-1] < curve[1] < curve[0], curve
 
 
@@ -383,29 +394,30 @@ def test_flan_t5_base_counts_equal_peft():
     assert ex.count(params, targets, r).trainable == pm.get_nb_trainable_parameters()[0]
 
 
-def test_qlora_and_remat_run_like_the_plain_model(tiny):
+def test_qlora_and_remat_run_like_the_plain_model(loaded):
   """NF4 base + LoRA runs unmerged and equals the model on the dequantized base; remat="full"
   gives the same loss and LoRA gradients."""
-  _, folder = tiny["v1_1"]
-  ids, mask, dids, dmask = _batch(7)
-  losses, grads = [], []
-  for remat in ("none", "full"):
-    model, params, _ = hf.load_hf(folder, remat=remat)
-    adapted = jl.init_lora(params["params"], jl.LoraConfig(rank=4, targets=("all-linear",)), jax.random.key(0))
-    qparams = jl.quantize(adapted, jl.QuantConfig(scheme="nf4", double_quant=True, targets=(r".*(q|v|wi_0)/kernel",)))
-    assert sum(isinstance(w.w, jl.quant.QuantizedArray) for w in jla.lora_weights(qparams).values()) == 2 * 8 + 5
-    trainable, frozen = jl.split(qparams)
+  import dataclasses
 
-    def loss(tr):
-      logits, _ = jl.linen.apply(model, jl.combine(tr, frozen), ids, mask, dids, dmask)
+  model, params, config = loaded["v1_1"]
+  ids, mask, dids, dmask = _batch(7)
+  # LoRA on the quantized modules only (a smaller graph to compile), quantized once for both models
+  adapted = jl.init_lora(params["params"], jl.LoraConfig(rank=4, targets=("q", "v", "wi_0")), jax.random.key(0))
+  qparams = jl.quantize(adapted, jl.QuantConfig(scheme="nf4", double_quant=True, targets=(r".*(q|v|wi_0)/kernel",)))
+  assert sum(isinstance(w.w, jl.quant.QuantizedArray) for w in jla.lora_weights(qparams).values()) == 2 * 8 + 5
+  trainable, frozen = jl.split(qparams)
+  losses, grads = [], []
+  for m in (model, hf.model_from_config(dataclasses.replace(config, remat="full"))):
+
+    def loss(tr, m=m):
+      logits, _ = jl.linen.apply(m, jl.combine(tr, frozen), ids, mask, dids, dmask)
       nll, n = token_nll(logits, jnp.asarray(dids), jnp.asarray(dmask))
       return nll / n
 
     value, g = jax.jit(jax.value_and_grad(loss))(trainable)
     losses.append(float(value))
     grads.append(g)
-  deq = jl.dequantize(qparams)
-  ref, _ = _jit(model)({"params": jl.merge(deq)}, ids, mask, dids, dmask)
+  ref, _ = _jit(model)({"params": jl.merge(jl.dequantize(qparams))}, ids, mask, dids, dmask)  # the padded-batch test's call
   nll, n = token_nll(ref, jnp.asarray(dids), jnp.asarray(dmask))
   np.testing.assert_allclose(losses, float(nll / n), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):

@@ -88,6 +88,8 @@ def evaluate(model_dir: str, data: str, adapter: str | None = None, batch_size: 
   """Mean next-token cross-entropy of each text (tokenized as ``tokenizer(text)``), no packing.
 
   ``model_dir``: an HF folder, a ``.gguf`` file or a shipped name (see :func:`model_folder`).
+  An encoder–decoder model (T5) is evaluated on a ``{"prompt", "completion"}`` jsonl instead
+  (:func:`evaluate_seq2seq`: the loss of the completion + EOS given the prompt); a .txt is refused.
 
   Returns:
     ``{"loss", "tokens", "perplexity", "texts"}``: loss is the sum of token
@@ -103,8 +105,10 @@ def evaluate(model_dir: str, data: str, adapter: str | None = None, batch_size: 
 
   if batch_size < 1:
     raise CliError(f"--batch-size must be >= 1, got {batch_size}")
-  texts = read_texts(data)
   model_dir = model_folder(model_dir)
+  if _is_encoder_decoder(model_dir):
+    return evaluate_seq2seq(model_dir, data, adapter, batch_size)
+  texts = read_texts(data)
   tok = _tokenizer(model_dir)
   model, variables, config = load_hf(model_dir)
   params = variables["params"]
@@ -143,12 +147,71 @@ def evaluate(model_dir: str, data: str, adapter: str | None = None, batch_size: 
   return {"loss": loss, "tokens": count, "perplexity": math.exp(min(loss, 700.0)), "texts": len(texts)}
 
 
+def _is_encoder_decoder(model_dir: str) -> bool:
+  """Whether ``model_dir``'s config.json names an encoder–decoder model (T5)."""
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    raw = json.load(f)
+  return bool(raw.get("is_encoder_decoder")) or raw.get("model_type") == "t5"
+
+
+def evaluate_seq2seq(model_dir: str, data: str, adapter: str | None = None, batch_size: int = 8) -> dict[str, Any]:
+  """Mean loss of an encoder–decoder model (T5) on a ``{"prompt", "completion"}`` jsonl: the
+  completion + EOS is the decoder target given the prompt, as ``jax-lora train`` tokenizes it
+  (no truncation). Returns ``{"loss", "tokens", "perplexity", "texts"}``."""
+  import jax
+  import jax.numpy as jnp
+
+  import jax_lora as jl
+  from jax_lora.losses import token_nll
+  from jax_lora.models import load_hf
+
+  from . import data as td
+
+  if not data.endswith(".jsonl"):
+    raise CliError(f"{model_dir} is an encoder–decoder (T5) model: eval needs a .jsonl of {{\"prompt\", "
+                   f"\"completion\"}} rows (loss on the completion), not {data}")
+  tok = _tokenizer(model_dir)
+  model, variables, config = load_hf(model_dir)
+  try:
+    examples = td.tokenize_seq2seq_rows(tok, td.load_rows(data), 1 << 30, config.decoder_start_token_id, where=data)
+  except ValueError as e:
+    raise CliError(str(e)) from None
+  params = variables["params"]
+  if adapter is not None:
+    check_safetensors(adapter)
+    params = jl.load_peft(adapter, params, config.model_type)
+  pad = tok.pad_token_id if tok.pad_token_id is not None else config.pad_token_id
+
+  @jax.jit
+  def batch_loss(p, b):
+    logits = jl.linen.apply(model, p, b["input_ids"], b["attention_mask"], b["decoder_input_ids"],
+                            b["decoder_attention_mask"])[0]
+    return token_nll(logits, b["labels"], b["loss_mask"])
+
+  total = count = 0.0
+  for b in td.eval_batches(examples, batch_size=batch_size, seq_len=1 << 30, pad_id=pad):
+    s_, n_ = batch_loss(params, {k: jnp.asarray(v) for k, v in b.items()})
+    total, count = total + float(s_), count + float(n_)
+  loss = total / max(count, 1.0)
+  if not math.isfinite(loss):
+    raise CliError(f"the loss on {data} is {loss} (not finite): the model{' or adapter' if adapter else ''} "
+                   "holds non-finite weights (a diverged training run?)")
+  return {"loss": loss, "tokens": int(round(count)), "perplexity": math.exp(min(loss, 700.0)), "texts": len(examples)}
+
+
 def _tokenizer(model_dir: str):
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   try:
     import transformers
   except ImportError:
     raise CliError("eval needs transformers for the tokenizer: pip install 'jax-lora[hf]'") from None
+  names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json")
+  if os.path.isdir(model_dir) and not any(os.path.isfile(os.path.join(model_dir, n)) for n in names):
+    # transformers 5 would build an empty tokenizer of the model type (T5: sentinels only) and score garbage
+    raise CliError(f"{model_dir} has no tokenizer files ({', '.join(names)}); copy the base model's tokenizer into it")
   try:
     return transformers.AutoTokenizer.from_pretrained(model_dir)
   except Exception as e:  # noqa: BLE001 - transformers raises many types
@@ -171,21 +234,41 @@ def _read_yaml_lora(path: str | None):
 
 
 def _shapes(model_dir: str):
-  """``(config, {flax path: shape})`` from config.json and the safetensors headers (no tensor read)."""
+  """``(config, {flax path: shape})`` from config.json and the safetensors headers (no tensor
+  read; a T5's ``shared``/``lm_head`` are compared to tell a tied head, as transformers does).
+  A folder with config.json and no safetensors: the shapes of the model's ``init`` under
+  ``jax.eval_shape`` (nothing is computed or allocated)."""
+  import glob
+
   import numpy as np
   from safetensors import safe_open
 
   from jax_lora.files import weight_files
-  from jax_lora.models import hf
+  from jax_lora.models import hf, t5
 
   cfg_path = os.path.join(model_dir, "config.json")
   if not os.path.isfile(cfg_path):
     raise CliError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
   with open(cfg_path) as f:
     config = hf.config_from_hf(json.load(f))
+  if not glob.glob(os.path.join(model_dir, "*.safetensors")) and not glob.glob(os.path.join(model_dir, "*.bin")):
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    model = hf.model_from_config(config)
+    tree = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))["params"]
+    return config, {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
+  files = weight_files(model_dir)
+  if isinstance(config, t5.T5Config):
+    head = {}
+    for path in files:
+      with safe_open(path, framework="numpy") as f:
+        head.update({k: f.get_tensor(k) for k in ("shared.weight", "lm_head.weight") if k in f.keys()})
+    config = t5.config_for_state(config, head)
   fam = hf.family(config)
   shapes = {}
-  for path in weight_files(model_dir):
+  for path in files:
     with safe_open(path, framework="numpy") as f:
       for k in f.keys():
         if hf.ignored_key(k, config):
@@ -323,10 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
   m.add_argument("--out", required=True, help="output model folder (written atomically)")
   m.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="cast floating tensors")
   m.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
-  e = sub.add_parser("eval", help="mean next-token loss / perplexity of a text file")
+  e = sub.add_parser("eval", help="mean next-token loss / perplexity of a text file (T5: of prompt/completion rows)")
   e.add_argument("--model", required=True, help="Hugging Face model folder, .gguf file or shipped name (smollm2-135m, gemma3-270m)")
   e.add_argument("--adapter", default=None, help="PEFT LoRA adapter folder")
-  e.add_argument("--data", required=True, help=".txt (one text per line) or .jsonl with a 'text' field")
+  e.add_argument("--data", required=True, help=".txt (one text per line) or .jsonl with a 'text' field; "
+                 "an encoder-decoder (T5) model: .jsonl with 'prompt' and 'completion' fields")
   e.add_argument("--batch-size", type=int, default=8, help="texts per batch (padded)")
   q = sub.add_parser("quantize", help="write linear weights in bitsandbytes NF4 safetensors layout")
   q.add_argument("--model", required=True, help="Hugging Face model folder, .gguf file or shipped name (smollm2-135m, gemma3-270m)")

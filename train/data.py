@@ -7,7 +7,11 @@ like TRL's prompt-completion format). An example is ``(ids, loss_mask)``:
 tokens ``< t`` (so ``loss_mask[0]`` is always 0; the loss shifts by one).
 
 Batches are numpy dicts with ``input_ids``, ``attention_mask``, ``loss_mask``,
-right-padded. In packed rows ``attention_mask`` holds segment ids (0 = padding,
+right-padded. Encoder–decoder models (T5) take ``{"prompt", "completion"}`` rows
+only (:func:`tokenize_seq2seq_rows`): the prompt is the encoder input, the
+completion + EOS the decoder target (``labels``, weighted by ``loss_mask``), and
+``decoder_input_ids`` are the labels shifted right after the decoder start token;
+packing is refused for them. In packed rows ``attention_mask`` holds segment ids (0 = padding,
 1, 2, ... = the examples of the row): the models then keep each example's
 attention to itself and restart its positions at 0, so packing changes no loss. The training order is a
 pure function of ``(seed, step)``: :meth:`Batcher.batch_at` gives the batch of
@@ -31,9 +35,11 @@ __all__ = [
     "load_rows",
     "tokenize_row",
     "tokenize_rows",
+    "tokenize_seq2seq_rows",
     "no_target",
     "MAX_CUT",
     "pad_batch",
+    "seq2seq_batch",
     "pack_rows",
     "Batcher",
     "eval_batches",
@@ -48,8 +54,13 @@ class Example:
 
   # Token ids, int32, length <= seq_len.
   ids: np.ndarray
-  # 1 where the token is a training target (predicted from the tokens before it), int32.
+  # 1 where the token is a training target (predicted from the tokens before it), int32;
+  # encoder–decoder examples: the weight of each ``labels`` token.
   loss_mask: np.ndarray
+  # Encoder–decoder examples only: the decoder target (completion + EOS) and the decoder
+  # inputs (the start token, then ``labels[:-1]``), int32; ``ids`` is then the encoder input.
+  labels: np.ndarray | None = None
+  decoder_ids: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -180,6 +191,32 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, str]], seq_len: int, 
   return [Example(e.ids[:seq_len], e.loss_mask[:seq_len]) for e in out]
 
 
+def tokenize_seq2seq_rows(tokenizer: Any, rows: Sequence[dict[str, str]], seq_len: int, decoder_start_id: int,
+                          where: str | None = None) -> list[Example]:
+  """Encoder–decoder examples: ``tokenizer(prompt)`` is the encoder input, the completion
+  tokenized without special tokens + EOS the decoder target (loss on every target token),
+  each truncated to ``seq_len`` tokens; the decoder inputs are the target shifted right
+  after ``decoder_start_id`` (what ``jax_lora.models.t5.shift_right`` does).
+
+  Raises:
+    ValueError: one line: ``text`` rows (a seq2seq model needs a prompt and a target), or a
+      tokenizer without ``eos_token_id``.
+  """
+  eos = tokenizer.eos_token_id
+  if eos is None:
+    raise ValueError("the tokenizer has no eos_token_id; set one (e.g. tokenizer.eos_token = '</s>')")
+  out = []
+  for row in rows:
+    if "prompt" not in row or "completion" not in row:
+      raise ValueError(f"{where or 'the data'}: an encoder–decoder (T5) model trains on {{\"prompt\", \"completion\"}} "
+                       "rows (encoder input, decoder target), not 'text' rows; convert the file")
+    ids = _encode(tokenizer, row["prompt"], True)[:seq_len]
+    labels = (_encode(tokenizer, row["completion"], False) + [eos])[:seq_len]
+    out.append(Example(np.asarray(ids, np.int32), np.ones(len(labels), np.int32), np.asarray(labels, np.int32),
+                       np.asarray([decoder_start_id] + labels[:-1], np.int32)))
+  return out
+
+
 def no_target(examples: Sequence[Example]) -> int:
   """How many examples have no target token (their completion cut off by seq_len)."""
   return sum(1 for e in examples if not e.loss_mask.any())
@@ -200,6 +237,31 @@ def pad_batch(examples: Sequence[Example], length: int, pad_id: int) -> dict[str
     n = len(ex)
     ids[i, :n], att[i, :n], loss[i, :n] = ex.ids, 1, ex.loss_mask
   return {"input_ids": ids, "attention_mask": att, "loss_mask": loss}
+
+
+def seq2seq_batch(examples: Sequence[Example], length: int, target_length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Right-padded encoder–decoder batch: ``input_ids``/``attention_mask`` (b, length) and
+  ``decoder_input_ids``/``decoder_attention_mask``/``labels``/``loss_mask`` (b, target_length)."""
+  out = pad_batch([Example(e.ids, np.zeros_like(e.ids)) for e in examples], length, pad_id)
+  del out["loss_mask"]
+  b = len(examples)
+  dec = {k: np.full((b, target_length), pad_id if k in ("decoder_input_ids", "labels") else 0, np.int32)
+         for k in ("decoder_input_ids", "decoder_attention_mask", "labels", "loss_mask")}
+  for i, e in enumerate(examples):
+    n = len(e.labels)
+    dec["decoder_input_ids"][i, :n], dec["decoder_attention_mask"][i, :n] = e.decoder_ids, 1
+    dec["labels"][i, :n], dec["loss_mask"][i, :n] = e.labels, e.loss_mask
+  return {**out, **dec}
+
+
+def _batch(examples: Sequence[Example], bucket: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """``examples`` padded to a multiple of ``bucket`` (at most ``seq_len``): :func:`pad_batch`, or
+  :func:`seq2seq_batch` for encoder–decoder examples."""
+  length = padded_length(max(len(e) for e in examples), bucket, seq_len)
+  if examples[0].labels is None:
+    return pad_batch(examples, length, pad_id)
+  target = padded_length(max(len(e.labels) for e in examples), bucket, seq_len)
+  return seq2seq_batch(examples, length, target, pad_id)
 
 
 def pack_rows(examples: Sequence[Example], seq_len: int) -> list[list[int]]:
@@ -253,6 +315,8 @@ class Batcher:
                packing: bool = False, bucket: int = 16, window: int = 32):
     if len(examples) < batch_size:
       raise ValueError(f"{len(examples)} training examples are fewer than batch_size={batch_size}; lower batch_size")
+    if packing and examples[0].labels is not None:
+      raise ValueError("data.packing is not supported for encoder–decoder (T5) models; set data.packing: false")
     self.examples = list(examples)
     self.lengths = np.asarray([len(e) for e in self.examples])
     self.batch_size, self.seq_len, self.pad_id, self.seed = batch_size, seq_len, pad_id, seed
@@ -307,8 +371,7 @@ class Batcher:
     idx = self._epoch(e)[i]
     if self.packing:
       return _packed_batch([[self.examples[j] for j in row] for row in idx], self.seq_len, self.pad_id)
-    length = padded_length(int(self.lengths[idx].max()), self.bucket, self.seq_len)
-    return pad_batch([self.examples[j] for j in idx], length, self.pad_id)
+    return _batch([self.examples[j] for j in idx], self.bucket, self.seq_len, self.pad_id)
 
   def num_steps(self, steps: int, epochs: float) -> int:
     """``steps`` if positive, else the steps of ``epochs`` passes (epoch 0's length)."""
@@ -326,10 +389,9 @@ def eval_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, 
   out = []
   for i in range(0, len(order), batch_size):
     chunk = [examples[j] for j in order[i:i + batch_size]]
-    filler = Example(examples[order[0]].ids, np.zeros_like(examples[order[0]].loss_mask))
+    filler = dataclasses.replace(examples[order[0]], loss_mask=np.zeros_like(examples[order[0]].loss_mask))
     chunk += [filler] * (batch_size - len(chunk))
-    length = padded_length(max(len(e) for e in chunk), bucket, seq_len)
-    out.append(pad_batch(chunk, length, pad_id))
+    out.append(_batch(chunk, bucket, seq_len, pad_id))
   return out
 
 

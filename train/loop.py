@@ -1,4 +1,4 @@
-"""The training loop: LoRA / full fine-tuning of a causal LM with optax, resumable.
+"""The training loop: LoRA / full fine-tuning of a causal LM or a T5 with optax, resumable.
 
 Only the trainable half of ``jax_lora.split`` is differentiated (LoRA A/B; the
 base gets no gradient and no optimizer state). AdamW with warmup and a
@@ -99,8 +99,11 @@ def with_loss_targets(batch: dict, bucket: int = 16) -> dict:
 
   With them the model computes the LM head only where the loss needs it (the
   completion tokens), instead of at every position: on SmolLM2 the 49k-way head
-  is a fifth of the model's FLOPs.
+  is a fifth of the model's FLOPs. Encoder–decoder batches (with ``labels``) come back
+  unchanged: their decoder positions are all targets but the padding.
   """
+  if "labels" in batch:
+    return batch
   ids, lm = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"])
   b, s = ids.shape
   tgt = lm[:, 1:] > 0
@@ -121,7 +124,11 @@ def make_loss_fn(model: Any, method: str, loss_chunk: int = 0) -> Callable[..., 
   the LM head and cross-entropy ``loss_chunk`` tokens at a time
   (:func:`jax_lora.losses.chunked_token_nll`), so no (tokens x vocab) logits of
   the whole batch exist; 0 computes the head at all loss positions at once.
+  Encoder–decoder models (``model.config.is_encoder_decoder``, T5) are called with the
+  encoder ids and mask and the decoder inputs and mask of a seq2seq batch, and the loss is
+  :func:`jax_lora.losses.token_nll` of their logits on ``labels`` weighted by ``loss_mask``.
   """
+  seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
   if loss_chunk > 0 and not all(callable(getattr(model, m, None)) for m in ("hidden_states", "lm_logits")):
     raise ValueError(f"loss_chunk > 0 needs a model with hidden_states/lm_logits methods; "
                      f"{type(model).__name__} has none, set loss_chunk: 0")
@@ -136,6 +143,14 @@ def make_loss_fn(model: Any, method: str, loss_chunk: int = 0) -> Callable[..., 
     kw = {"logits_index": batch["logit_pos"]} if gathered else {}
     params = trainable if method == "full" else jl.combine(trainable, frozen)
     rng = None if method == "full" else rng
+    if seq2seq:
+      args = (batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], batch["decoder_attention_mask"])
+      if loss_chunk > 0:
+        h = run(params, *args, method="hidden_states", dropout_rng=rng)
+        return chunked_token_nll(lambda p, x, key=None: run(p, x, method="lm_logits", dropout_rng=key), params, h,
+                                 batch["labels"], batch["loss_mask"], chunk=loss_chunk, rng=rng)
+      logits, _ = run(params, *args, dropout_rng=rng)
+      return token_nll(logits, batch["labels"], batch["loss_mask"])
     if loss_chunk > 0:
       h = run(params, batch["input_ids"], batch["attention_mask"], method="hidden_states", dropout_rng=rng, **kw)
       if gathered:
@@ -268,9 +283,14 @@ def generate_texts(model: Any, gen_params: Any, apply_fn: Callable | None, token
   All prompts are padded to one length and every batch has ``batch_size``
   rows (the last one filled with repeats), so the decoding loop compiles once
   per call site; batches hold prompts of similar length (the loop stops when
-  every row has produced EOS).
+  every row has produced EOS). Encoder–decoder models (T5) decode with
+  :func:`jax_lora.models.generate_seq2seq` (the prompt is the encoder input).
   """
+  from jax_lora.models import generate_seq2seq
   from jax_lora.models.generate import generate
+
+  if getattr(model.config, "is_encoder_decoder", False):
+    generate = generate_seq2seq
 
   eos = tokenizer.eos_token_id
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -458,10 +478,19 @@ class _Data:
   test_rows: list
 
 
-def _load_data(cfg: TrainConfig, tok) -> _Data:
+def _load_data(cfg: TrainConfig, tok, decoder_start: int | None = None) -> _Data:
+  """``decoder_start``: the decoder start token of an encoder–decoder model (None: causal LM)."""
   paths = resolve_data(cfg)
   pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  train_ex = td.tokenize_rows(tok, td.load_rows(paths["train"]), cfg.seq_len, where=paths["train"])
+  if decoder_start is not None and cfg.data.packing:
+    raise ValueError("data.packing is not supported for encoder–decoder (T5) models; set data.packing: false")
+
+  def tokenize(rows, where):
+    if decoder_start is None:
+      return td.tokenize_rows(tok, rows, cfg.seq_len, where=where)
+    return td.tokenize_seq2seq_rows(tok, rows, cfg.seq_len, decoder_start, where=where)
+
+  train_ex = tokenize(td.load_rows(paths["train"]), paths["train"])
   batcher = td.Batcher(train_ex, batch_size=cfg.batch_size, seq_len=cfg.seq_len, pad_id=pad, seed=cfg.seed,
                        packing=cfg.data.packing, bucket=cfg.data.bucket)
   val_batches = []
@@ -469,7 +498,7 @@ def _load_data(cfg: TrainConfig, tok) -> _Data:
     val_rows = td.load_rows(paths["validation"])
     if cfg.eval.num_validation:
       val_rows = val_rows[: cfg.eval.num_validation]
-    val_batches = td.eval_batches(td.tokenize_rows(tok, val_rows, cfg.seq_len, where=paths["validation"]),
+    val_batches = td.eval_batches(tokenize(val_rows, paths["validation"]),
                                   batch_size=cfg.batch_size,
                                   seq_len=cfg.seq_len, pad_id=pad, bucket=cfg.data.bucket)
   test_rows = []
@@ -519,7 +548,7 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None, on_change: str
   outdir.record(cfg.out_dir, "config.yaml")
   t0 = time.perf_counter()
   model, params, mcfg, tok, model_path = load_model(cfg.model, cfg.dtype, remat=cfg.remat, attention=cfg.attention)
-  data = _load_data(cfg, tok)
+  data = _load_data(cfg, tok, mcfg.decoder_start_token_id if getattr(mcfg, "is_encoder_decoder", False) else None)
   steps = data.batcher.num_steps(cfg.steps, cfg.epochs / cfg.optim.grad_accum)
   trainable, frozen, _, gen_apply = _prepare(cfg, model, params)
   del params
@@ -572,7 +601,7 @@ def train(cfg: TrainConfig, before: dict[str, Any] | None = None, on_change: str
   results.update(after=after, train_s=round(train_s, 1), steps_run=steps - start,
                  s_per_step=round(train_s / max(steps - start, 1), 3),
                  references=[r["completion"].strip() for r in data.test_rows[:5]], compile_s=round(compile_s, 1))
-  _export(cfg, model, mcfg, trainable, frozen_on_device(), model_path)
+  _export(cfg, model, mcfg, trainable, frozen_on_device(), model_path, tok)
   _log(cfg.out_dir, {**_metrics_row("after", steps, after), "train_s": results["train_s"],
                      "compile_s": results["compile_s"]})
   _write_json(os.path.join(cfg.out_dir, "results.json"), results)
@@ -688,8 +717,8 @@ def _sigint_flag():
     signal.signal(signal.SIGINT, previous)
 
 
-def _export(cfg: TrainConfig, model, mcfg, trainable, frozen, model_path: str) -> None:
-  """Writes ``adapter/`` (PEFT) for LoRA, ``model/`` (HF) for full fine-tuning, through
+def _export(cfg: TrainConfig, model, mcfg, trainable, frozen, model_path: str, tokenizer: Any = None) -> None:
+  """Writes ``adapter/`` (PEFT) for LoRA, ``model/`` (HF, with the run's tokenizer) for full fine-tuning, through
   :func:`jax_lora.files.output_folder` (replaces only the run's own earlier export; refuses
   NaN/inf weights)."""
   from jax_lora.files import output_folder
@@ -702,6 +731,8 @@ def _export(cfg: TrainConfig, model, mcfg, trainable, frozen, model_path: str) -
       from jax_lora.models.hf import save_hf
 
       save_hf(tmp, trainable, mcfg)
+      if tokenizer is not None:  # a folder that `jax-lora eval` / transformers load as is
+        tokenizer.save_pretrained(tmp)
     else:
       jl.save_peft(tmp, jl.combine(trainable, frozen), model_type=getattr(mcfg, "model_type", "llama"),
                    base_model_name_or_path=model_path, bias=cfg.lora.bias,
