@@ -21,8 +21,7 @@ FLAN_T5_BASE = {  # google/flan-t5-base config.json (architecture fields)
 }
 TARGETS = {  # row label → LoraConfig.targets
     "q,v (the seeds' target_modules)": ("q", "v"),
-    "all linear but the head (PEFT's all-linear)": ("q", "k", "v", "o", "wi_0", "wi_1", "wo"),
-    "all-linear (ours: + lm_head)": ("all-linear",),
+    "all-linear (every linear but the head, as PEFT's)": ("all-linear",),
 }
 
 

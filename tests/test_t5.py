@@ -386,7 +386,7 @@ def test_flan_t5_base_counts_equal_peft():
   assert sum(int(x.size) for x in jax.tree.leaves(params)) == 247_577_856  # google/flan-t5-base
   hf_cfg = transformers.T5Config(**{k: v for k, v in ex.FLAN_T5_BASE.items() if k != "model_type"})
   for targets, peft_targets, r in [(("q", "v"), ["q", "v"], 8),
-                                   (ex.TARGETS["all linear but the head (PEFT's all-linear)"], "all-linear", 4)]:
+                                   (ex.TARGETS["all-linear (every linear but the head, as PEFT's)"], "all-linear", 4)]:
     with torch.device("meta"):
       pm = peft.get_peft_model(transformers.T5ForConditionalGeneration(hf_cfg),
                                peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=peft_targets,
