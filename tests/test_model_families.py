@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import jax_lora as jl
-from jax_lora.models import generate, hf, llama
+from jax_lora.models import generate, hf
 from jax_lora.models.attention import dot_product_attention
 
 VOCAB = 97
