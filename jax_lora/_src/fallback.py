@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jax_lora._src.lora import LoraWeight, merged_kernel
+from jax_lora._src.lora import LoraUsageError, LoraWeight, merged_kernel, record_consumed
 from jax_lora._src.tree import is_quantized, leaves, map_leaves, materialize
 
-__all__ = ["is_special", "special_paths", "plain_shapes", "merge_unreached"]
+__all__ = ["is_special", "special_paths", "plain_shapes", "merge_unreached", "merge_until_traced"]
 
 _warned: set[str] = set()
 _lock = threading.Lock()
@@ -64,3 +64,33 @@ def merge_unreached(tree: Any, fast: Collection[str], warn: bool = True) -> Any:
     return merged_kernel(v) if isinstance(v, LoraWeight) else materialize(v)
 
   return map_leaves(f, tree)
+
+
+def merge_until_traced(tree: Any, trace: Callable[[Any], Any], warn: bool = True) -> tuple[Any, set[str]]:
+  """``(params, merged)``: ``tree`` with as few special kernels merged as ``trace(params)`` needs.
+
+  ``trace`` runs the user's code (shapes only, e.g. under ``jax.eval_shape``). Each
+  ``LoraUsageError`` merges the weight it names; a ``TypeError``/``AttributeError``
+  from elsewhere merges, once, every weight the trace had not consumed through the
+  fast path, and is raised as it is if the code still fails (then it was the
+  code's own error).
+  """
+  special = special_paths(tree)
+  merged: set[str] = set()
+  first_error = None
+  while True:
+    params = merge_unreached(tree, special - merged, warn=warn)
+    try:
+      with record_consumed() as seen:
+        trace(params)
+      return params, merged
+    except LoraUsageError as e:
+      if e.path in merged:
+        raise
+      merged.add(e.path)
+    except (TypeError, AttributeError) as e:
+      rest = special - merged - seen
+      if first_error is not None or not rest:
+        raise (first_error or e) from None
+      first_error = e
+      merged |= rest

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from jax_lora._src import lora
-from jax_lora._src.fallback import merge_unreached, special_paths
+from jax_lora._src.fallback import merge_until_traced
 
 __all__ = ["apply_fn"]
 
@@ -44,24 +44,11 @@ def apply_fn(f: Callable[..., Any], adapted: Any, *args, dropout_rng: jax.Array 
   >>> jl.apply_fn(lambda p, x: x @ p["w"], p, jnp.ones((2, 3))).tolist()
   [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
   """
-  special = special_paths(adapted)
-  merged: set[str] = set()
-  first_error = None
-  while True:
-    params = merge_unreached(adapted, special - merged)
-    try:
-      with lora.record_consumed() as seen, lora.dropout_key(dropout_rng):
-        _eval_shape(lambda p: f(p, *args, **kwargs), params)
-      break
-    except lora.LoraUsageError as e:
-      if e.path in merged:
-        raise
-      merged.add(e.path)
-    except (TypeError, AttributeError) as e:
-      rest = special - merged - seen
-      if first_error is not None or not rest:
-        raise (first_error or e) from None
-      first_error = e
-      merged |= rest
+
+  def trace(p):
+    with lora.dropout_key(dropout_rng):
+      _eval_shape(lambda q: f(q, *args, **kwargs), p)
+
+  params, _ = merge_until_traced(adapted, trace)
   with lora.dropout_key(dropout_rng):
     return f(params, *args, **kwargs)

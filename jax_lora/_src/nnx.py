@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_lora._src import lora as ops
-from jax_lora._src.fallback import is_special, merge_unreached, special_paths
+from jax_lora._src.fallback import is_special, merge_unreached, merge_until_traced, special_paths
 from jax_lora._src.trace import matmul_params
 from jax_lora._src.tree import is_variable, materialize
 
@@ -162,25 +162,10 @@ def _run(graphdef, params, others, method, args, kwargs, dropout_rng):
 def _probe(graphdef, adapted, others, method, args, kwargs) -> frozenset:
   """Paths of the special kernels that can stay in place (see the module docstring)."""
   special = special_paths(adapted)
-  merged: set[str] = set()
-  first_error = None
-  while True:
-    params = merge_unreached(adapted, special - merged, warn=False)
-    try:
-      with ops.record_consumed() as seen:
-        jax.eval_shape(lambda p, o: _run(graphdef, p, o, method, args, kwargs, None)[0], params, tuple(others))
-      return frozenset(special - merged)
-    except ops.LoraUsageError as e:
-      if e.path in merged:
-        raise
-      merged.add(e.path)
-    except (TypeError, AttributeError) as e:
-      rest = special - merged - seen
-      if first_error is not None or not rest:
-        raise (first_error or e) from None
-      first_error = e
-      merged |= rest
-
+  _, merged = merge_until_traced(
+      adapted, lambda p: jax.eval_shape(lambda p, o: _run(graphdef, p, o, method, args, kwargs, None)[0], p,
+                                        tuple(others)), warn=False)
+  return frozenset(special - merged)
 
 def _updated(old, module):
   """``old`` (a state from ``nnx.split``) with the module's current values at its paths."""
