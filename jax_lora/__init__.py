@@ -1,8 +1,8 @@
 """jax_lora: LoRA and QLoRA for JAX/Flax parameter pytrees.
 
 The core, at the top level: configure (:class:`LoraConfig`), adapt a parameter
-tree (:func:`init_lora`), train only A/B (:func:`split`/:func:`combine`,
-:func:`lora_optimizer`), run plain functions unmerged (:func:`dot`,
+tree (:func:`init_lora`), train only A/B (and DoRA magnitudes; :func:`split`/:func:`combine`,
+:func:`lora_optimizer`), run plain functions unmerged (:func:`dot`, :func:`embed`,
 :func:`apply_fn`), quantize the base (:class:`QuantConfig`, :func:`quantize`,
 :func:`dequantize`), fold adapters in and out (:func:`merge`, :func:`unmerge`),
 and exchange adapters with PEFT (:func:`load_peft`, :func:`save_peft`).
