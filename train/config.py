@@ -92,7 +92,7 @@ _QUANT_KEYS = {"type": "scheme", "scheme": "scheme", "block_size": "block_size",
 _PEFT_KEYS = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets"}
 # LoraConfig fields that a YAML lora section may set.
 _LORA_KEYS = ("rank", "alpha", "targets", "dropout", "use_rslora", "init", "bias", "rank_pattern", "alpha_pattern",
-              "use_dora", "modules_to_save")
+              "use_dora", "modules_to_save", "trainable_token_indices")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -234,6 +234,8 @@ def lora_section(raw: Any, where: str = "lora", base: LoraConfig = LORA_DEFAULTS
       raise _unknown(key)
     if name in ("rank_pattern", "alpha_pattern"):
       kw[name] = _pairs(key, v, int if name == "rank_pattern" else float)
+    elif name == "trainable_token_indices":  # [ids] (embed_tokens) or {module: [ids]}; LoraConfig checks
+      kw[name] = v
     else:
       kw[name] = _coerce(key, {"rank": int, "alpha": float, "dropout": float, "use_rslora": bool, "use_dora": bool,
                                "targets": tuple[str, ...], "modules_to_save": tuple[str, ...]}.get(name, str), v)

@@ -33,6 +33,7 @@ __all__ = [
     "ParamReport",
     "param_report",
     "trainable_paths",
+    "token_ids",
 ]
 
 
@@ -138,7 +139,39 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array, *, apply=None) ->
                     rslora=config.use_rslora, dropout=config.dropout)
     return dataclasses.replace(lw, m=dora_magnitude(lw)) if config.use_dora else lw
 
-  return map_leaves(f, params)
+  tokens = _token_tables(flat, config, targets)
+  return map_leaves(lambda p, w: _token_rows(p, w, tokens[p], config) if p in tokens else f(p, w), params)
+
+
+def _token_tables(flat, config: LoraConfig, targets) -> dict[str, tuple[int, ...]]:
+  """``{table path: token ids}`` for ``config.trainable_token_indices``."""
+  out = {}
+  for name, ids in config.trainable_token_indices:
+    hits = [p for p in match_paths(flat.keys(), [rf"(.*/)?{name}(/embedding|/weight)?"], what="trainable tokens table")
+            if len(getattr(flat[p], "shape", ())) == 2]
+    if len(hits) != 1:
+      raise ValueError(f"trainable_token_indices {name!r} names {len(hits)} 2-D tables ({hits[:3]}); name one")
+    p = hits[0]
+    if p in targets or is_quantized(flat[p]):
+      raise ValueError(f"trainable tokens on {p!r}: the table is also a LoRA target or quantized; it can be one")
+    if max(ids) >= flat[p].shape[0]:
+      raise ValueError(f"trainable_token_indices {name!r}: id {max(ids)} is outside the table's {flat[p].shape[0]} rows")
+    out[p] = ids
+  return out
+
+
+def _token_rows(path: str, w, ids: tuple[int, ...], config: LoraConfig) -> LoraWeight:
+  """PEFT's trainable tokens as an exact LoRA with a fixed A: ``W + onehot(ids)ᵀ @ B``, B = 0 at
+  init (each row of B is the change of one chosen row; the other rows never move)."""
+  dtype = jnp.dtype(config.dtype or jnp.float32)
+  a = jax.nn.one_hot(jnp.asarray(ids), w.shape[0], dtype=dtype).T  # (vocab, n), fixed
+  b = jnp.zeros((len(ids), w.shape[1]), dtype)
+  return LoraWeight(w=w, a=a, b=b, alpha=float(len(ids)), rank=len(ids), layout="io", path=path, freeze_a=True)
+
+
+def token_ids(lw: LoraWeight) -> list[int]:
+  """The token ids of a trainable-tokens :class:`LoraWeight` (its fixed one-hot A)."""
+  return [int(i) for i in np.argmax(np.asarray(lw.a), axis=0)]
 
 
 def dora_magnitude(lw: LoraWeight) -> jax.Array:
@@ -204,12 +237,12 @@ def split(adapted: Any, bias: str = "none", modules_to_save: Sequence[str] = ())
 
   def trainable(path, v):
     if isinstance(v, LoraWeight):
-      return dataclasses.replace(v, w=None)
+      return dataclasses.replace(v, w=None, a=None if v.freeze_a else v.a)
     return v if path in bias_paths else None
 
   def frozen(path, v):
     if isinstance(v, LoraWeight):
-      return dataclasses.replace(v, a=None, b=None, m=None)
+      return dataclasses.replace(v, a=v.a if v.freeze_a else None, b=None, m=None)
     return None if path in bias_paths else v
 
   return map_leaves(trainable, adapted), map_leaves(frozen, adapted)
@@ -306,7 +339,7 @@ def param_report(adapted: Any, bias: str = "none", modules_to_save: Sequence[str
   rows = []
   for p, v in flat.items():
     if isinstance(v, LoraWeight):
-      n = int(np.prod(v.a.shape) + np.prod(v.b.shape) + (0 if v.m is None else np.prod(v.m.shape)))
+      n = int((0 if v.freeze_a else np.prod(v.a.shape)) + np.prod(v.b.shape) + (0 if v.m is None else np.prod(v.m.shape)))
       rows.append((p, v.shape, v.rank, n))
       trainable += n
       total += n + int(np.prod(v.shape))

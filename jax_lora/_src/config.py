@@ -95,6 +95,9 @@ class LoraConfig:
   # Modules trained whole beside the adapters (PEFT's modules_to_save: "lm_head",
   # "embed_tokens" when adding tokens); bare names match the module anywhere.
   modules_to_save: tuple[str, ...] = ()
+  # PEFT's trainable tokens: (table module name, token ids) pairs ("embed_tokens": [ids]; a bare
+  # list means embed_tokens). Only those rows of the table train (see init_lora).
+  trainable_token_indices: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, "rank_pattern", _freeze_mapping(self.rank_pattern))
@@ -106,6 +109,18 @@ class LoraConfig:
     if isinstance(self.modules_to_save, str):
       object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
     object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
+    tti = self.trainable_token_indices or ()
+    if isinstance(tti, Mapping):
+      tti = tuple(tti.items())
+    elif tti and all(isinstance(i, int) for i in tti):
+      tti = (("embed_tokens", tuple(tti)),)
+    tti = tuple((str(k), tuple(v)) for k, v in tti)
+    for name, ids in tti:
+      if (not re.fullmatch(r"\w+", name) or not ids or len(set(ids)) != len(ids)
+              or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        raise ValueError(f"LoraConfig.trainable_token_indices[{name!r}]={list(ids)!r}: give a bare module name "
+                         "and distinct non-negative token ids")
+    object.__setattr__(self, "trainable_token_indices", tti)
     if not isinstance(self.rank, int) or self.rank <= 0:
       raise ValueError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}")
     if not (isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)):

@@ -100,10 +100,8 @@ def _interceptor(next_fun, args, kwargs, context):
   m = context.module
   if type(m) is nn.Embed and context.method_name == "attend" and getattr(_local, "probe", None) is None:
     table = m.get_variable("params", "embedding")
-    if isinstance(table, ops.LoraWeight):
-      raise ValueError(f"{_module_path(m)!r}: LoRA on an embedding that is also the output layer (tied "
-                       "embeddings): PEFT applies it to the lookup only but merges it into both; untie the "
-                       "head or train the embedding whole (modules_to_save) instead")
+    if isinstance(table, ops.LoraWeight):  # tied head: trainable tokens run unmerged, LoRA is refused
+      return ops.attend(args[0] if args else kwargs["query"], table, dtype=m.dtype)
   handler = _handler(m) if context.method_name == "__call__" else None
   name = _param_name(m)
   if handler is None or not m.has_variable("params", name):

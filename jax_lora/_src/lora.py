@@ -37,6 +37,7 @@ __all__ = [
     "parse_einsum",
     "dot",
     "embed",
+    "attend",
     "matvec",
     "dropout_key",
     "record_consumed",
@@ -83,6 +84,9 @@ class LoraWeight:
   path: str = dataclasses.field(default="", metadata=dict(static=True))
   rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
   dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+  # A is fixed (not trained): PEFT's trainable tokens are a LoRA with A the one-hot columns of
+  # the chosen token ids and B their new rows minus the old (see jax_lora.init_lora).
+  freeze_a: bool = dataclasses.field(default=False, metadata=dict(static=True))
   # DoRA's magnitude (*batch, *out), trainable; None for plain LoRA. With it the layer computes
   # ``m / ‖W + s·A@B‖ · (x@W + s·(x@A)@B)`` (norm over the input axes, not differentiated).
   m: Any = None
@@ -491,6 +495,26 @@ def matvec(w: Any, x: jax.Array, *, rng: jax.Array | None = None, precision=None
   xd = _dropout(xt, w.dropout, rng, w.path)
   y = lora_matmul(xt, base, a2, b2, w.scale, x_lora=xd, precision=precision, dtype=dtype)
   return y[0] if x.ndim == 1 else y.T
+
+
+def attend(x: jax.Array, table: Any, *, dtype=None) -> jax.Array:
+  """``x @ table.T``: logits from a (vocab, d) embedding table used as the output layer (tied
+  embeddings). A LoRA table adds ``s·(x @ Bᵀ) @ Aᵀ`` unmerged; only trainable tokens (fixed
+  one-hot A) are accepted, since PEFT applies them to the tied head too."""
+  lw = table if isinstance(table, LoraWeight) else None
+  base = lw.w if lw is not None else table
+  w = materialize(base, dtype)
+  x = x.astype(w.dtype)
+  y = jnp.einsum("...d,vd->...v", x, w)
+  if lw is None:
+    return y
+  if not lw.freeze_a:
+    raise ValueError(f"{lw.path!r}: LoRA on an embedding that is also the output layer (tied embeddings): PEFT "
+                     "applies it to the lookup only but merges it into both; untie the head or train the "
+                     "embedding whole (modules_to_save) instead")
+  _note(lw.path)
+  xb = jnp.einsum("...d,rd->...r", x, lw.b.astype(w.dtype)) * jnp.asarray(lw.scale, w.dtype)
+  return y + jnp.einsum("...r,vr->...v", xb, lw.a.astype(w.dtype))
 
 
 def parse_einsum(spec: str):

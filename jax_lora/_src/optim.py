@@ -19,7 +19,8 @@ def _labels(adapted: Any, bias: str, modules_to_save) -> Any:
 
   def lab(path, v):
     if isinstance(v, LoraWeight):
-      return dataclasses.replace(v, w="frozen", a="lora", b="lora", m=None if v.m is None else "lora")
+      return dataclasses.replace(v, w="frozen", a="frozen" if v.freeze_a else "lora", b="lora",
+                                 m=None if v.m is None else "lora")
     return "lora" if path in bias_paths else "frozen"
 
   return map_leaves(lab, adapted)

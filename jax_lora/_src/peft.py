@@ -23,7 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jax_lora._src.adapt import lora_weights, trainable_paths
+from jax_lora._src.adapt import lora_weights, token_ids, trainable_paths
 from jax_lora._src.lora import LoraWeight
 from jax_lora._src.files import atomic_folder
 from jax_lora._src.tree import is_quantized, leaves, map_leaves, materialize
@@ -572,8 +572,17 @@ def save_peft(folder: str, adapted: Any, model_type: str = "llama", base_model_n
   from safetensors.numpy import save_file
 
   lws = lora_weights(adapted)
+  token_lws = {p: lw for p, lw in lws.items() if lw.freeze_a}  # trainable tokens (fixed one-hot A)
+  lws = {p: lw for p, lw in lws.items() if not lw.freeze_a}
   if not lws:
     raise ValueError("save_peft: the tree has no LoRA weights; pass the output of init_lora/load_peft")
+  token_rows_out = {}
+  for p, lw in token_lws.items():
+    mod = path_to_module(p, model_type)
+    ids = token_ids(lw)
+    rows = np.asarray(materialize(lw.w), np.float32)[ids] + np.float32(lw.scale) * np.asarray(lw.b, np.float32)
+    token_rows_out[f"{PREFIX}{mod}{_TOK}"] = np.ascontiguousarray(rows)
+    trainable_token_indices = {**(trainable_token_indices or {}), mod.rsplit(".", 1)[-1]: ids}
   flat = _unstacked(lws)
   rs = {lw.rslora for lw in lws.values()}
   if len(rs) > 1:
@@ -617,7 +626,10 @@ def save_peft(folder: str, adapted: Any, model_type: str = "llama", base_model_n
     if mag is not None:
       tensors[f"{PREFIX}{m}{_MAG}"] = np.ascontiguousarray(mag)
   tensors.update(_whole_tensors(adapted, model_type, bias, modules_to_save, set(entries)))
-  tensors.update(_token_tensors(adapted, model_type, trainable_token_indices or {}))
+  done = {k.rsplit(".", 1)[-1] for k in (path_to_module(p, model_type) for p in token_lws)}
+  tensors.update(_token_tensors(adapted, model_type, {k: v for k, v in (trainable_token_indices or {}).items()
+                                                      if k not in done}))
+  tensors.update(token_rows_out)
   with atomic_folder(folder) as tmp:
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
       json.dump(config, f, indent=2)
