@@ -1,10 +1,7 @@
 """PEFT's trainable tokens as a LoRA with a fixed one-hot A: init, unmerged lookup and tied head,
-training moves only the chosen rows, PEFT parity both ways, and the trainer's export."""
+training moves only the chosen rows (the trainer's export against PEFT: test_train_peft_features)."""
 
 from __future__ import annotations
-
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -54,30 +51,3 @@ def jax_lora_attend(x, table):
   from jax_lora._src.lora import attend  # the tied head's op (what Linen nn.Embed.attend runs)
   return attend(x, table)
 
-
-def test_train_trainable_tokens_exports_what_peft_loads(tiny, tmp_path):
-  """A run with lora.trainable_token_indices on the tiny tied model: the exported adapter loads in
-  PEFT with equal logits (PEFT applies the rows to the tied head too); only those rows moved."""
-  import peft
-  import torch
-  import transformers
-
-  from jax_lora_app import loop
-  from jax_lora.models import load_hf
-
-  cfg = tiny.cfg(tmp_path / "run", **{"lora.trainable_token_indices": [5, 6], "steps": 4, "eval.num_test": 0})
-  loop.train(cfg)
-  adapter = os.path.join(cfg.out_dir, "adapter")
-  meta = json.load(open(os.path.join(adapter, "adapter_config.json")))
-  assert meta["trainable_token_indices"] == {"embed_tokens": [5, 6]}
-  model, variables, mcfg = load_hf(tiny.folder)
-  ours = jl.load_peft(adapter, variables["params"], mcfg.model_type)
-  before = np.asarray(variables["params"]["model"]["embed_tokens"]["embedding"])
-  after = np.asarray(ours["model"]["embed_tokens"]["embedding"])
-  assert (np.abs(after - before).max(axis=1) > 0).nonzero()[0].tolist() == [5, 6]
-  ids = np.arange(3, 13, dtype=np.int32)[None]
-  got = np.asarray(jl.linen.apply(model, ours, jnp.asarray(ids))[0])
-  pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny.folder), adapter).eval()
-  with torch.no_grad():
-    ref = pm(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
-  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
