@@ -326,10 +326,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   try:
     rows = run_plan(runs)
-  except ValueError as e:
-    print(f"jax-lora compare: error: {e}", file=sys.stderr)
+    paths = write_outputs(kind, out_dir, rows, runs[0].key if runs else None)
+  except KeyboardInterrupt:
+    print("jax-lora compare: error: interrupted; re-run the same command to resume (finished runs are reused)",
+          file=sys.stderr)
+    return 130
+  except OSError as e:
+    from .cli import os_error_line
+
+    print(f"jax-lora compare: error: {os_error_line(e)}", file=sys.stderr)
     return 1
-  paths = write_outputs(kind, out_dir, rows, runs[0].key if runs else None)
+  except ValueError as e:  # a bad run config or data, a diverged or interrupted run: one line
+    print(f"jax-lora compare: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return getattr(e, "exit_code", 1)
   print(table(kind, rows), end="")
   print(json.dumps({"written": paths}))
   return 0

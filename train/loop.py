@@ -688,7 +688,7 @@ def _diverged(cfg: TrainConfig, mngr, step: int, loss: float, last_finite, saved
   _log(cfg.out_dir, {"event": "diverged", "step": step, "loss": loss if math.isfinite(loss) else str(loss)})
   what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradients or updated weights are not finite (loss {loss:.4g})"
   last = f"last finite loss {last_finite[1]:.4g} at step {last_finite[0]}" if last_finite else "no finite step before it"
-  kept = f"the last good checkpoint (step {saved}) is kept" if saved else "no checkpoint was written"
+  kept = f"the last checkpoint with finite weights (step {saved}) is kept" if saved else "no checkpoint was written"
   raise TrainingStopped(f"training diverged at step {step}: {what} ({last}); {kept} and nothing was exported; "
                         "lower optim.lr (or raise optim.warmup_steps) and re-run with --resume-changed or --fresh")
 
