@@ -196,7 +196,7 @@ def tokenize_seq2seq_rows(tokenizer: Any, rows: Sequence[dict[str, str]], seq_le
   """Encoder–decoder examples: ``tokenizer(prompt)`` is the encoder input, the completion
   tokenized without special tokens + EOS the decoder target (loss on every target token),
   each truncated to ``seq_len`` tokens; the decoder inputs are the target shifted right
-  after ``decoder_start_id`` (what ``jax_lora.models.t5.shift_right`` does).
+  after ``decoder_start_id`` (transformers' ``_shift_right``).
 
   Raises:
     ValueError: one line: ``text`` rows (a seq2seq model needs a prompt and a target), or a
