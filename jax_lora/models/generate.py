@@ -21,7 +21,7 @@ import numpy as np
 
 from jax_lora.models.hf import init_cache
 
-__all__ = ["generate", "sample_logits", "left_align"]
+__all__ = ["generate", "sample_logits", "left_align", "decode_loop"]
 
 
 def left_align(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,26 +54,35 @@ def _compiled(apply_fn, config, cache_dtype, max_new: int, eos: int, pad: int, t
     logits, cache = apply_fn(params, ids, attention_mask=full_mask, cache=cache, index=0)
     key, sub = jax.random.split(key)
     tok = sample_logits(logits[:, -1], sub, temperature, top_p)
-    out = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(tok)
-    done = tok == eos
 
-    def cond(state):
-      i, _, _, done, _ = state
-      return (i < max_new) & ~jnp.all(done)
-
-    def body(state):
-      i, out, cache, done, key = state
-      prev = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
+    def step(prev, cache, i, key):
       logits, cache = apply_fn(params, prev, attention_mask=full_mask, cache=cache, index=s + i - 1)
-      key, sub = jax.random.split(key)
-      tok = jnp.where(done, pad, sample_logits(logits[:, -1], sub, temperature, top_p))
-      out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
-      return i + 1, out, cache, done | (tok == eos), key
+      return sample_logits(logits[:, -1], key, temperature, top_p), cache
 
-    _, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, done, key))
-    return out
+    return decode_loop(step, tok, cache, key, max_new, eos, pad)
 
   return jax.jit(run)
+
+
+def decode_loop(step, tok, cache, key, max_new: int, eos: int, pad: int) -> jax.Array:
+  """``(b, max_new)`` tokens: ``tok`` (b,) first, then ``step(prev (b, 1), cache, i, key) ->
+  (tok, cache)`` for positions ``i = 1…`` until every row has emitted ``eos`` (then ``pad``).
+  The one KV-cache decoding loop of :func:`generate` and ``generate_seq2seq``."""
+  out = jnp.full((tok.shape[0], max_new), pad, jnp.int32).at[:, 0].set(tok)
+
+  def cond(state):
+    i, _, _, done, _ = state
+    return (i < max_new) & ~jnp.all(done)
+
+  def body(state):
+    i, out, cache, done, key = state
+    key, sub = jax.random.split(key)
+    tok, cache = step(jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1), cache, i, sub)
+    tok = jnp.where(done, pad, tok)
+    out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
+    return i + 1, out, cache, done | (tok == eos), key
+
+  return jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, tok == eos, key))[1]
 
 
 def generate(

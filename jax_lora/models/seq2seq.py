@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_lora.models.generate import sample_logits
+from jax_lora.models.generate import decode_loop, sample_logits
 from jax_lora.models.hf import init_cache
 
 __all__ = ["generate_seq2seq"]
@@ -40,22 +40,7 @@ def _compiled(apply_fn, config, cache_dtype, max_new: int, eos: int, pad: int, t
     key, sub = jax.random.split(key)
     start = jnp.full((b, 1), config.decoder_start_token_id, jnp.int32)
     tok, cache = step(start, cache, 0, sub)
-    out = jnp.full((b, max_new), pad, jnp.int32).at[:, 0].set(tok)
-    done = tok == eos
-
-    def cond(state):
-      i, _, _, done, _ = state
-      return (i < max_new) & ~jnp.all(done)
-
-    def body(state):
-      i, out, cache, done, key = state
-      key, sub = jax.random.split(key)
-      tok, cache = step(jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1), cache, i, sub)
-      tok = jnp.where(done, pad, tok)
-      out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
-      return i + 1, out, cache, done | (tok == eos), key
-
-    return jax.lax.while_loop(cond, body, (jnp.int32(1), out, cache, done, key))[1]
+    return decode_loop(step, tok, cache, key, max_new, eos, pad)
 
   return jax.jit(run)
 
