@@ -204,6 +204,22 @@ def test_run_folder_of_an_older_version_is_adopted(tmp_path):
   assert not (other / OUTPUT_MARK).exists()
 
 
+def test_key_added_since_a_run_counts_as_its_default():
+  """A run folder written before ``lora.use_dora`` / ``lora.modules_to_save`` existed resumes without
+  --resume-changed when the new config keeps their defaults; a non-default value is a change."""
+  from jax_lora_app import config as tc
+  from jax_lora_app import outdir
+
+  new = tc.config_to_dict(tc.load_config(None, check_files=False))
+  old = json.loads(json.dumps(new))
+  del old["lora"]["use_dora"], old["lora"]["modules_to_save"]
+  assert outdir.config_diff(old, new) == []
+  dora = json.loads(json.dumps(new))
+  dora["lora"]["use_dora"] = True
+  assert outdir.config_diff(old, dora) == ["lora.use_dora False → True"]
+  assert outdir.config_diff(new, {k: v for k, v in new.items() if k != "seed"}) == ["seed 0 → '(absent)'"]
+
+
 def test_checkpoint_disk_full_is_an_oserror():
   class Full:
     directory = "/x/checkpoints"

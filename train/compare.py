@@ -37,6 +37,7 @@ import yaml
 from jax_lora.files import atomic_file, write_text
 
 from .config import TrainConfig, config_to_dict, load_config, read_yaml_mapping
+from .outdir import config_diff
 
 __all__ = ["Run", "load_plan", "run_plan", "table", "main"]
 
@@ -160,11 +161,9 @@ def _results(cfg: TrainConfig) -> dict | None:
     return None
   with open(os.path.join(cfg.out_dir, "config.yaml"), encoding="utf-8") as f:
     ran = yaml.safe_load(f) or {}
-  want = config_to_dict(cfg)
-  ran.pop("out_dir", None), want.pop("out_dir", None)
-  if ran != want:
-    diff = sorted(k for k in set(ran) | set(want) if ran.get(k) != want.get(k))
-    raise ValueError(f"{cfg.out_dir} holds a finished run of another config (differs in {', '.join(diff)}); "
+  diff = config_diff(ran, config_to_dict(cfg))  # the rule of a resumed run: out_dir, log_every, ... aside
+  if diff:
+    raise ValueError(f"{cfg.out_dir} holds a finished run of another config ({'; '.join(diff)}); "
                      "delete that folder or set another out_dir")
   with open(path, encoding="utf-8") as f:
     res = json.load(f)

@@ -46,15 +46,26 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _defaults() -> dict[str, Any]:
+  from .config import TrainConfig, config_to_dict
+
+  return _flat(config_to_dict(TrainConfig()))
+
+
 def config_diff(old: dict, new: dict) -> list[str]:
-  """``["optim.lr 0.01 → 0.001", ...]``: dotted keys whose values differ (``IGNORED_KEYS`` aside)."""
-  a, b = _flat(old), _flat(new)
+  """``["optim.lr 0.01 → 0.001", ...]``: dotted keys whose values differ (``IGNORED_KEYS`` aside).
+
+  A key that ``old`` lacks (a run folder of a version before that key existed) counts as the
+  key's default: new keys default to what older versions did, so adding one to the config
+  does not make every older run folder "changed".
+  """
+  a, b, d = _flat(old), _flat(new), _defaults()
   absent = "(absent)"
   out = []
   for k in sorted(set(a) | set(b)):
     if k in IGNORED_KEYS:
       continue
-    va, vb = a.get(k, absent), b.get(k, absent)
+    va, vb = a.get(k, d.get(k, absent)), b.get(k, absent)
     if va != vb and not (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
       out.append(f"{k} {va!r} → {vb!r}")
   return out
