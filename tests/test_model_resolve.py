@@ -173,3 +173,32 @@ def test_cli_eval_smollm2_shortcut(tiny_gguf, capsys):
   assert rc == 0, err
   got = json.loads(out)
   assert got["texts"] == 2 and 0 < got["loss"] < 10
+
+
+def test_concurrent_callers_convert_once(tmp_path, monkeypatch):
+  """Two processes or test workers asking for the same cached folder: one conversion, the other waits."""
+  import threading
+  import time
+
+  from jax_lora.models import shipped
+
+  calls = []
+
+  def fake_convert(path, final, tokenizer_cache, dtype):
+    calls.append(path)
+    time.sleep(0.3)  # the second caller arrives while this one converts
+    os.makedirs(final)
+    for name in shipped._FILES:
+      open(os.path.join(final, name), "w").close()
+
+  monkeypatch.setattr(shipped, "_convert", fake_convert)
+  src = tmp_path / "m.gguf"
+  src.write_bytes(b"GGUF")
+  out = []
+  threads = [threading.Thread(target=lambda: out.append(shipped.gguf_hf_folder(str(src), str(tmp_path / "c"))))
+             for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(calls) == 1 and len(out) == 2 and out[0] == out[1] and os.path.isdir(out[0])

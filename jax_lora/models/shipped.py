@@ -131,11 +131,32 @@ def shipped_hf_folder(name: str, cache_dir: str | None = None, dtype: str = "flo
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
   cache_dir = cache_dir or default_cache_dir()
-  stem = SHIPPED[name]
+  return _cached_folder(lambda: shipped_gguf_path(name, cache_dir), cache_dir, SHIPPED[name], dtype)
+
+
+def _complete(folder: str) -> bool:
+  return all(os.path.exists(os.path.join(folder, f)) for f in _FILES)
+
+
+def _cached_folder(gguf_path, cache_dir: str, stem: str, dtype: str) -> str:
+  """``<cache_dir>/<stem>-<dtype>``, converted from the GGUF ``gguf_path()`` unless already there.
+
+  Concurrent processes (two runs, parallel test workers) convert once: the second waits on a
+  lock file beside the folder (POSIX ``flock``) and then finds the folder complete.
+  """
   final = os.path.join(cache_dir, f"{stem}-{dtype}")
-  if all(os.path.exists(os.path.join(final, f)) for f in _FILES):
+  if _complete(final):
     return final
-  _convert(shipped_gguf_path(name, cache_dir), final, os.path.join(cache_dir, f"{stem}-tokenizer"), dtype)
+  os.makedirs(cache_dir, exist_ok=True)
+  with open(os.path.join(cache_dir, f".{stem}-{dtype}.lock"), "a") as lock:
+    try:
+      import fcntl
+
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    except ImportError:  # no flock (Windows): the temp-and-rename write alone keeps it safe
+      pass
+    if not _complete(final):
+      _convert(gguf_path(), final, os.path.join(cache_dir, f"{stem}-tokenizer"), dtype)
   return final
 
 
@@ -155,7 +176,7 @@ def _convert(path: str, final: str, tokenizer_cache: str, dtype: str) -> None:
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
       json.dump({"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"]}, f)
-    if not all(os.path.exists(os.path.join(final, f)) for f in _FILES):
+    if not _complete(final):
       shutil.rmtree(final, ignore_errors=True)  # an incomplete folder (e.g. copied by hand)
       publish_folder(tmp, final)
   finally:
@@ -175,13 +196,8 @@ def gguf_hf_folder(path: str, cache_dir: str | None = None, dtype: str = "float3
     raise ValueError(f"GGUF file {path} does not exist")
   st = os.stat(path)
   key = hashlib.sha256(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-  cache_dir = cache_dir or default_cache_dir()
   stem = os.path.splitext(os.path.basename(path))[0]
-  final = os.path.join(cache_dir, f"gguf-{stem}-{key}-{dtype}")
-  if all(os.path.exists(os.path.join(final, f)) for f in _FILES):
-    return final
-  _convert(path, final, os.path.join(cache_dir, f"gguf-{stem}-{key}-tokenizer"), dtype)
-  return final
+  return _cached_folder(lambda: path, cache_dir or default_cache_dir(), f"gguf-{stem}-{key}", dtype)
 
 
 def resolve_model(name: str, cache_dir: str | None = None) -> str:
