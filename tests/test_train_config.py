@@ -25,18 +25,27 @@ def _jsonl(tmp_path, name="train.jsonl"):
 
 def test_defaults_are_frozen_and_valid():
   cfg = tc.load_config(None, check_files=False)
-  # no path: the shipped main job (configs/default.yaml), sized for ~10 min on 2 cores
+  # no path: the shipped main job (configs/default.yaml), sized for under 15 min on 2 cores
   assert cfg == tc.load_config(os.path.join(REPO, "configs", "default.yaml"), check_files=False)
-  assert cfg.steps == 200 and cfg.data.task == "de_en"
+  assert cfg.steps == 120 and cfg.data.task == "de_en"
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.seed = 3  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "wordnet_gloss.yaml"])
-def test_shipped_configs_load(name):
+@pytest.mark.parametrize("name, model", [("default.yaml", "gemma3-270m"), ("gemma3_270m.yaml", "gemma3-270m"),
+                                         ("smollm2_135m.yaml", "smollm2-135m"), ("wordnet_gloss.yaml", "smollm2-135m")])
+def test_shipped_configs_load(name, model):
   cfg = tc.load_config(os.path.join(REPO, "configs", name))
-  assert cfg.model == "smollm2-135m" and cfg.method == "lora" and cfg.data.task in ("de_en", "wordnet_gloss")
+  assert cfg.model == model and cfg.method == "lora" and cfg.data.task in ("de_en", "wordnet_gloss")
   assert cfg.lora.targets == ("all-linear",)
+
+
+def test_default_is_the_gemma_job():
+  """configs/default.yaml and configs/gemma3_270m.yaml are one job (only out_dir differs)."""
+  a = tc.config_to_dict(tc.load_config(os.path.join(REPO, "configs", "default.yaml"), check_files=False))
+  b = tc.config_to_dict(tc.load_config(os.path.join(REPO, "configs", "gemma3_270m.yaml"), check_files=False))
+  assert a.pop("out_dir") == "runs/default" and b.pop("out_dir") == "runs/gemma3_270m"
+  assert a == b
 
 
 def test_yaml_values_and_overrides(tmp_path):

@@ -468,7 +468,7 @@ def config_to_dict(cfg: TrainConfig) -> dict:
   return plain(out)
 
 
-# The main job's config (German→English LoRA on the shipped SmolLM2), read when no path is given.
+# The main job's config (German→English LoRA on the shipped Gemma-3-270M), read when no path is given.
 # It ships inside the package (configs/ of the repo is a link to it).
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.yaml")
 
