@@ -373,7 +373,8 @@ def test_smollm2_hf_folder(smollm2, smollm2_cache):
   model, params, config, tok, _ = smollm2
   folder = shipped.smollm2_hf_folder(str(smollm2_cache))
   assert shipped.smollm2_hf_folder(str(smollm2_cache)) == folder  # idempotent
-  assert not [n for n in os.listdir(smollm2_cache) if n.startswith(".") or ".tmp" in n]  # no temp folder left
+  # no temp folder left (the empty lock file that serializes concurrent conversions stays, as HF's cache keeps its .locks)
+  assert not [n for n in os.listdir(smollm2_cache) if (n.startswith(".") or ".tmp" in n) and not n.endswith(".lock")]
   _, p2, c2 = hf.load_hf(folder)
   assert c2 == config
   jax.tree.map(np.testing.assert_array_equal, p2, params)

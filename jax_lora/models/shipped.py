@@ -142,7 +142,8 @@ def _cached_folder(gguf_path, cache_dir: str, stem: str, dtype: str) -> str:
   """``<cache_dir>/<stem>-<dtype>``, converted from the GGUF ``gguf_path()`` unless already there.
 
   Concurrent processes (two runs, parallel test workers) convert once: the second waits on a
-  lock file beside the folder (POSIX ``flock``) and then finds the folder complete.
+  lock file beside the folder (POSIX ``flock``; the empty ``.<stem>-<dtype>.lock`` stays) and then
+  finds the folder complete.
   """
   final = os.path.join(cache_dir, f"{stem}-{dtype}")
   if _complete(final):
